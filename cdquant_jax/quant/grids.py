@@ -1,0 +1,273 @@
+"""Uniform quantization grids: parameters, scale search, quantize / dequantize.
+
+A *grid* gives every weight W[r, i] a scale and a zero point shared by the columns of its
+*group* (a set of input columns; per-channel = one group spanning the row). Values are
+    code  q ∈ {0, …, maxq},  maxq = 2^bits − 1
+    dequantized value  s · (q − z)
+Two parameter flavours, exactly as in the reference code (algorithms.md 1.1, 2.1):
+
+  flavour  range fitted              zero point                 code
+  -------  ------------------------  -------------------------  ------------------------------
+  GPTQ     [min(x, 0), max(x, 0)]    integer round(−xmin / s)   clamp(round(x / s) + z)
+  SPQR     [min(x), max(x)]          fractional −xmin / s       clamp(round(x / s + z))
+                                     (rounded iff round_zero)   (s clamped to ≥ 1e-9)
+Both: sym ⇒ range ±max|x| and z = (maxq + 1) / 2; a degenerate range becomes (−1, +1).
+
+Scale searches (per row, or per row and group):
+  minmax  the range above;
+  mse     GPTQ's shrink grid: p = 1 − i/grid, i < maxshrink·grid, range ×p, minimising Σ|Q(x) − x|^norm;
+  owc     "optimal weight clipping" as we read CDQuant: the same shrink grid, minimising the
+          H-weighted error e_gᵀ H_gg e_g of each group g (H_gg = the diagonal block of H on the
+          group's columns). For per-channel grids this is exactly the row's layer objective; for
+          groups it ignores the cross-group blocks of H (exact when H is block diagonal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from cdquant_jax._numerics import HIGHEST
+
+SPQR_SCALE_EPS = 1e-9  # SpQR clamps the scale to this before dividing.
+
+
+class Flavor(str, enum.Enum):
+  """Which reference quantizer the grid parameters follow (see the module docstring)."""
+
+  GPTQ = "gptq"
+  SPQR = "spqr"
+
+
+ScaleSearch = Literal["minmax", "mse", "owc"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridConfig:
+  """How a layer's grid is shaped and fitted. Frozen and hashable: usable as a static jit arg."""
+
+  # Bits per weight, 2..8.
+  bits: int = 4
+  # Input columns per group; -1 = one group per row (per-channel).
+  group_size: int = -1
+  # Symmetric grid (zero point fixed at (maxq + 1) / 2).
+  sym: bool = False
+  # Parameter flavour; GPTQ everywhere except SpQR's first and second level.
+  flavor: Flavor = Flavor.GPTQ
+  # SpQR flavour only: round the fractional zero point to an integer.
+  round_zero: bool = False
+  # How the range is chosen: "minmax", "mse" (GPTQ's) or "owc" (H-weighted clipping).
+  scale_search: ScaleSearch = "minmax"
+  # MSE search: error exponent, grid resolution and maximal shrink (GPTQ defaults).
+  mse_norm: float = 2.4
+  mse_grid: int = 100
+  mse_max_shrink: float = 0.8
+  # OWC search: grid resolution and maximal shrink (candidates p = 1 − i/grid, i < max_shrink·grid).
+  owc_grid: int = 20
+  owc_max_shrink: float = 0.5
+
+  @property
+  def maxq(self) -> int:
+    return 2**self.bits - 1
+
+  def validate(self, d_in: int) -> None:
+    """Raises ValueError naming the bad field when this grid cannot quantize `d_in` columns."""
+    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"bits must be an integer in [2, 8], got {self.bits!r}")
+    if self.group_size != -1 and (self.group_size <= 0 or d_in % self.group_size):
+      raise ValueError(
+          f"group_size must be -1 or a positive divisor of d_in={d_in}, got {self.group_size}")
+    if self.scale_search not in ("minmax", "mse", "owc"):
+      raise ValueError(f"unknown scale_search {self.scale_search!r}")
+
+  def groups(self, d_in: int) -> tuple[int, int]:
+    """(number of groups, group size) for a layer with `d_in` input columns."""
+    g = d_in if self.group_size == -1 else self.group_size
+    return d_in // g, g
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Fitted grid parameters of one layer.
+
+  Attributes:
+    scale: [d_out, n_groups] f32 step sizes.
+    zero: [d_out, n_groups] f32 zero points in code units (integers for the GPTQ flavour).
+    group_index: [d_in] int32, group of each input column in the layer's ORIGINAL column order.
+    maxq: static, 2^bits − 1.
+    flavor: static, the code rule (see module docstring).
+  """
+
+  scale: jax.Array
+  zero: jax.Array
+  group_index: jax.Array
+  maxq: int = dataclasses.field(metadata=dict(static=True))
+  flavor: Flavor = dataclasses.field(metadata=dict(static=True))
+
+  def expand(self) -> tuple[jax.Array, jax.Array]:
+    """Per-weight (scale, zero), each [d_out, d_in]."""
+    return (jnp.take(self.scale, self.group_index, axis=1),
+            jnp.take(self.zero, self.group_index, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Element-wise code rules.
+
+
+def codes_of(x: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int,
+             flavor: Flavor) -> jax.Array:
+  """Integer codes (as f32) of `x` under broadcastable per-element (scale, zero)."""
+  if flavor == Flavor.GPTQ:
+    q = jnp.round(x / scale) + zero
+  else:
+    q = jnp.round(x / jnp.maximum(scale, SPQR_SCALE_EPS) + zero)
+  return jnp.clip(q, 0, maxq)
+
+
+def dequantize_codes(q: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+  """s · (q − z), element-wise with broadcasting."""
+  return scale * (q - zero)
+
+
+def fake_quantize(x: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int,
+                  flavor: Flavor) -> jax.Array:
+  """Nearest grid value of `x` (quantize then dequantize)."""
+  return dequantize_codes(codes_of(x, scale, zero, maxq, flavor), scale, zero)
+
+
+# ----------------------------------------------------------------------------------------------
+# Range → (scale, zero).
+
+
+def _range(x: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
+  """(xmin, xmax) over the last axis after the flavour's range rule, sym and the ±1 fix."""
+  xmin, xmax = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
+  if cfg.flavor == Flavor.GPTQ:
+    xmin, xmax = jnp.minimum(xmin, 0.0), jnp.maximum(xmax, 0.0)
+  if cfg.sym:
+    xmax = jnp.maximum(jnp.abs(xmin), xmax)
+    xmin = jnp.where(xmin < 0, -xmax, xmin)
+  if cfg.flavor == Flavor.GPTQ:
+    degenerate = (xmin == 0) & (xmax == 0)
+  else:
+    degenerate = xmin == xmax
+  return jnp.where(degenerate, -1.0, xmin), jnp.where(degenerate, 1.0, xmax)
+
+
+def params_from_range(xmin: jax.Array, xmax: jax.Array,
+                      cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
+  """(scale, zero) for the range [xmin, xmax] under the config's flavour."""
+  scale = (xmax - xmin) / cfg.maxq
+  if cfg.sym:
+    return scale, jnp.full_like(scale, (cfg.maxq + 1) / 2)
+  if cfg.flavor == Flavor.GPTQ:
+    return scale, jnp.round(-xmin / scale)
+  zero = -xmin / scale
+  return scale, jnp.round(zero) if cfg.round_zero else zero
+
+
+def minmax_params(x: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
+  """Min-max (scale, zero) of `x` [..., n] over its last axis; both [...]."""
+  return params_from_range(*_range(x, cfg), cfg)
+
+
+def _shrink_factors(grid: int, max_shrink: float) -> jax.Array:
+  return 1.0 - jnp.arange(int(max_shrink * grid), dtype=jnp.float32) / grid
+
+
+def _search(x: jax.Array, cfg: GridConfig, shrinks: jax.Array, error_fn):
+  """Keep, per slice, the shrunk range with the lowest `error_fn(fake_quantized − x)` [...]."""
+  xmin, xmax = _range(x, cfg)
+  scale0, zero0 = params_from_range(xmin, xmax, cfg)
+
+  def body(carry, p):
+    best, scale, zero = carry
+    s1, z1 = params_from_range(p * xmin, p * xmax, cfg)
+    err = error_fn(fake_quantize(x, s1[..., None], z1[..., None], cfg.maxq, cfg.flavor) - x)
+    better = err < best
+    return (jnp.where(better, err, best), jnp.where(better, s1, scale),
+            jnp.where(better, z1, zero)), None
+
+  init = (jnp.full(scale0.shape, jnp.inf, x.dtype), scale0, zero0)
+  (_, scale, zero), _ = jax.lax.scan(body, init, shrinks)
+  return scale, zero
+
+
+def mse_params(x: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
+  """GPTQ's `mse=True` search over the last axis of `x` [..., n]."""
+  error_fn = lambda e: jnp.sum(jnp.abs(e) ** cfg.mse_norm, axis=-1)
+  return _search(x, cfg, _shrink_factors(cfg.mse_grid, cfg.mse_max_shrink), error_fn)
+
+
+def owc_params(xg: jax.Array, Hgg: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
+  """H-weighted clipping search per (row, group).
+
+  Args:
+    xg: [d_out, n_groups, G] weights grouped by contiguous columns.
+    Hgg: [n_groups, G, G] diagonal blocks of H.
+    cfg: grid config.
+  Returns:
+    (scale, zero), each [d_out, n_groups].
+  """
+  # e [r, g, i] · (H_g e_rg)[i] summed over i -> [d_out, n_groups]
+  error_fn = lambda e: jnp.einsum("rgi,gij,rgj->rg", e, Hgg, e, precision=HIGHEST)
+  return _search(xg, cfg, _shrink_factors(cfg.owc_grid, cfg.owc_max_shrink), error_fn)
+
+
+def contiguous_group_index(d_in: int, group_size: int) -> jax.Array:
+  """[d_in] int32 group of each column for contiguous groups (-1 = one group)."""
+  g = d_in if group_size == -1 else group_size
+  return jnp.arange(d_in, dtype=jnp.int32) // g
+
+
+def fit_grid(W: jax.Array, cfg: GridConfig, H: jax.Array | None = None) -> Grid:
+  """Fits a grid with contiguous groups of `cfg.group_size` columns on W.
+
+  Args:
+    W: [d_out, d_in] weights (f32).
+    cfg: grid config; "owc" needs H.
+    H: [d_in, d_in] Hessian, used by the "owc" search only.
+  Returns:
+    Grid with scale/zero [d_out, n_groups] and contiguous group_index.
+  """
+  d_out, d_in = W.shape
+  cfg.validate(d_in)
+  n_groups, g = cfg.groups(d_in)
+  # [d_out, d_in] -> [d_out, n_groups, G]
+  Wg = W.reshape(d_out, n_groups, g)
+  if cfg.scale_search == "owc":
+    if H is None:
+      raise ValueError("scale_search='owc' needs the Hessian H")
+    # [d_in, d_in] -> [n_groups, G, n_groups, G] -> diagonal blocks [n_groups, G, G]
+    blocks = H.reshape(n_groups, g, n_groups, g)
+    Hgg = jnp.einsum("gigj->gij", blocks)
+    scale, zero = owc_params(Wg, Hgg, cfg)
+  elif cfg.scale_search == "mse":
+    scale, zero = mse_params(Wg, cfg)
+  else:
+    scale, zero = minmax_params(Wg, cfg)
+  return Grid(scale=scale, zero=zero, group_index=contiguous_group_index(d_in, cfg.group_size),
+              maxq=cfg.maxq, flavor=cfg.flavor)
+
+
+def quantize(W: jax.Array, grid: Grid) -> jax.Array:
+  """Integer codes [d_out, d_in] int32 of W on `grid`."""
+  s, z = grid.expand()
+  return codes_of(W, s, z, grid.maxq, grid.flavor).astype(jnp.int32)
+
+
+def dequantize(codes: jax.Array, grid: Grid) -> jax.Array:
+  """Dequantized weights [d_out, d_in] f32 from integer codes on `grid`."""
+  s, z = grid.expand()
+  return dequantize_codes(codes.astype(s.dtype), s, z)
+
+
+def round_to_grid(x: jax.Array, grid: Grid) -> jax.Array:
+  """Nearest grid value of every weight, [d_out, d_in] (quantize then dequantize)."""
+  s, z = grid.expand()
+  return fake_quantize(x, s, z, grid.maxq, grid.flavor)

@@ -1,0 +1,244 @@
+"""Layer Hessians: streaming accumulation, checks, damping, dead columns, inverse Cholesky.
+
+Conventions (algorithms.md 0, 1.2, 2.2):
+  H = (2 / n) Σ_tokens x xᵀ, with n counting *sequences* (GPTQ/SpQR `add_batch`), f32, HIGHEST.
+  Dead column i: H_ii == 0 ⇒ H_ii := 1 and W[:, i] := 0 (it quantizes to the code of 0).
+  Damping: H += percdamp · mean(diag H) · I. GPTQ fixes dead columns first, then damps;
+           SpQR damps first (with mean |diag H|), then overwrites dead diagonals with 1.
+  U: the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), the only inverse GPTQ/SpQR use.
+
+When the Cholesky of the damped H fails, the damping is escalated ×`escalation_factor` up to
+`max_escalations` times; each step is logged, and a `HessianError` naming the layer, its shape
+and every damping tried is raised if none works. There is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdquant_jax._numerics import HIGHEST, hdot
+
+log = logging.getLogger(__name__)
+
+DampOrder = Literal["gptq", "spqr"]
+
+
+class HessianError(ValueError):
+  """A Hessian or its activations are unusable (NaN/Inf, shape, not positive definite)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming accumulation.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HessianState:
+  """Running Hessian: H [d_in, d_in] f32 and the number of sequences n seen (f32 scalar)."""
+
+  H: jax.Array
+  n: jax.Array
+
+  @classmethod
+  def zeros(cls, d_in: int) -> "HessianState":
+    return cls(H=jnp.zeros((d_in, d_in), jnp.float32), n=jnp.zeros((), jnp.float32))
+
+
+@jax.jit
+def _accumulate(state: HessianState, x: jax.Array) -> tuple[HessianState, jax.Array]:
+  b = x.shape[0]
+  # [b, ..., d_in] -> [tokens, d_in]
+  tokens = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  n = state.n + b
+  # Running mean as in GPTQ: H ← H·n_old/n + (2/n) Σ x xᵀ.
+  scaled = tokens * jnp.sqrt(2.0 / n)
+  H = state.H * (state.n / n) + hdot(scaled.T, scaled)
+  finite = jnp.all(jnp.isfinite(tokens))
+  return HessianState(H=H, n=n), finite
+
+
+def accumulate(state: HessianState, x: jax.Array, *, layer: str = "?") -> HessianState:
+  """Adds a batch of activations to the running Hessian.
+
+  Args:
+    state: running Hessian.
+    x: [n_seq, seq_len, d_in] (or [n_seq, d_in]) inputs of the layer; n_seq sequences count
+      towards n, as in GPTQ.
+    layer: name used in error messages.
+  Raises:
+    HessianError: NaN/Inf in x, or a feature size that does not match H.
+  """
+  if x.shape[-1] != state.H.shape[0]:
+    raise HessianError(f"layer {layer}: activations have {x.shape[-1]} features, "
+                       f"Hessian expects {state.H.shape[0]}")
+  new, finite = _accumulate(state, x)
+  if not bool(finite):
+    bad = int(jnp.sum(~jnp.isfinite(x)))
+    raise HessianError(f"layer {layer}: {bad} NaN/Inf values in the calibration activations "
+                       f"of shape {tuple(x.shape)}")
+  return new
+
+
+def hessian_from_inputs(X: jax.Array, *, layer: str = "?") -> jax.Array:
+  """H = 2/n Σ x xᵀ from inputs X [n_seq, seq_len, d_in] (or [n_seq, d_in]) in one batch."""
+  return accumulate(HessianState.zeros(X.shape[-1]), X, layer=layer).H
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+def check_layer_problem(W, H, *, layer: str = "?") -> None:
+  """Raises ValueError/HessianError naming the problem if (W, H) is not a valid layer problem."""
+  W, H = np.asarray(W), np.asarray(H)
+  if W.ndim != 2:
+    raise ValueError(f"layer {layer}: W must be 2-D [d_out, d_in], got shape {W.shape}")
+  if H.ndim != 2 or H.shape[0] != H.shape[1]:
+    raise HessianError(f"layer {layer}: H must be square, got shape {H.shape}")
+  if H.shape[0] != W.shape[1]:
+    raise ValueError(f"layer {layer}: W has d_in={W.shape[1]} but H is {H.shape[0]}x{H.shape[1]}")
+  if not np.all(np.isfinite(W)):
+    raise ValueError(f"layer {layer}: W has {int(np.sum(~np.isfinite(W)))} NaN/Inf values")
+  if not np.all(np.isfinite(H)):
+    raise HessianError(f"layer {layer}: H has {int(np.sum(~np.isfinite(H)))} NaN/Inf values")
+  scale = max(float(np.max(np.abs(H))), 1e-30)
+  asym = float(np.max(np.abs(H - H.T))) / scale
+  if asym > 1e-4:
+    raise HessianError(f"layer {layer}: H is not symmetric (max |H - Hᵀ| / max |H| = {asym:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damping, dead columns, inverse Cholesky.
+
+
+def dead_columns(H: jax.Array) -> jax.Array:
+  """[d_in] bool, columns whose diagonal Hessian entry is exactly zero."""
+  return jnp.diag(H) == 0
+
+
+def fix_dead(H: jax.Array, W: jax.Array, dead: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """H_ii := 1 and W[:, i] := 0 on dead columns i."""
+  d = jnp.diag(H)
+  H = H + jnp.diag(jnp.where(dead, 1.0 - d, 0.0))
+  return H, jnp.where(dead[None, :], 0.0, W)
+
+
+def damp_and_fix_dead(H: jax.Array, W: jax.Array, percdamp: float | jax.Array,
+                      order: DampOrder) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Applies damping and the dead-column rule in the reference order.
+
+  Args:
+    H: [d_in, d_in] Hessian (undamped).
+    W: [d_out, d_in] weights.
+    percdamp: relative damping (fraction of the mean diagonal).
+    order: "gptq" (dead fix, then + percdamp·mean diag) or "spqr" (+ percdamp·mean |diag|, then
+      dead diagonals overwritten with 1).
+  Returns:
+    (damped H, W with dead columns zeroed, absolute damping added).
+  """
+  dead = dead_columns(H)
+  eye = jnp.eye(H.shape[0], dtype=H.dtype)
+  if order == "gptq":
+    H, W = fix_dead(H, W, dead)
+    damp = percdamp * jnp.mean(jnp.diag(H))
+    return H + damp * eye, W, damp
+  damp = percdamp * jnp.mean(jnp.abs(jnp.diag(H)))
+  H = H + damp * eye
+  H, W = fix_dead(H, W, dead)
+  return H, W, damp
+
+
+@jax.jit
+def inverse_cholesky_upper(H: jax.Array) -> jax.Array:
+  """U upper triangular with H⁻¹ = Uᵀ U (GPTQ's `cholesky(cholesky_inverse(cholesky(H)), upper)`).
+
+  Returns NaNs when H is not numerically positive definite (checked by the callers).
+  """
+  L = jnp.linalg.cholesky(H)
+  eye = jnp.eye(H.shape[0], dtype=H.dtype)
+  Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+  # H⁻¹ = L⁻ᵀ L⁻¹
+  Hinv = hdot(Linv.T, Linv)
+  Hinv = 0.5 * (Hinv + Hinv.T)
+  return jnp.linalg.cholesky(Hinv).T
+
+
+def _factor_ok(U: jax.Array) -> bool:
+  return bool(jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedHessian:
+  """A damped Hessian ready for a column sweep.
+
+  Attributes:
+    H: [d_in, d_in] damped Hessian with dead columns fixed (in the processing order given).
+    W: [d_out, d_in] weights with dead columns zeroed.
+    U: [d_in, d_in] upper Cholesky factor of H⁻¹.
+    percdamp: relative damping finally used (after any escalation).
+    damp: absolute damping added to the diagonal.
+    escalations: how many times the damping was multiplied.
+  """
+
+  H: jax.Array
+  W: jax.Array
+  U: jax.Array
+  percdamp: float
+  damp: float
+  escalations: int
+
+
+def prepare_hessian(H: jax.Array, W: jax.Array, percdamp: float, *, order: DampOrder = "gptq",
+                    max_escalations: int = 4, escalation_factor: float = 10.0,
+                    layer: str = "?") -> PreparedHessian:
+  """Damps H, fixes dead columns and factors H⁻¹, escalating the damping on failure.
+
+  Args:
+    H: [d_in, d_in] Hessian (already permuted if the solver permutes).
+    W: [d_out, d_in] weights in the same column order.
+    percdamp: initial relative damping (0 allowed; escalation then starts at 0.01).
+    order: reference order of damping and dead-column fix ("gptq" or "spqr").
+    max_escalations: how many ×`escalation_factor` steps are tried after the first failure.
+    escalation_factor: multiplier of each step.
+    layer: name used in logs and errors.
+  Raises:
+    HessianError: if no damping up to the bound gives a positive definite H.
+  """
+  tried = []
+  current = float(percdamp)
+  for step in range(max_escalations + 1):
+    Hd, Wd, damp = damp_and_fix_dead(H, W, current, order)
+    U = inverse_cholesky_upper(Hd)
+    tried.append(current)
+    if _factor_ok(U):
+      return PreparedHessian(H=Hd, W=Wd, U=U, percdamp=current, damp=float(damp),
+                             escalations=step)
+    nxt = current * escalation_factor if current > 0 else 0.01
+    if step < max_escalations:
+      log.warning("layer %s: Cholesky of the damped Hessian %s failed at percdamp=%g; "
+                  "retrying with percdamp=%g", layer, tuple(H.shape), current, nxt)
+    current = nxt
+  raise HessianError(
+      f"layer {layer}: Hessian of shape {tuple(H.shape)} is not positive definite after damping "
+      f"escalation; percdamp tried: {', '.join(f'{p:g}' for p in tried)}")
+
+
+def act_order_permutation(H: jax.Array) -> jax.Array:
+  """[d_in] int32 columns sorted by descending diag(H) (GPTQ act-order; stable for ties)."""
+  return jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32)
+
+
+def permute(W: jax.Array, H: jax.Array, perm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """W[:, perm] and H[perm][:, perm]."""
+  return W[:, perm], H[perm][:, perm]
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """[d_in] int32 inverse of `perm`."""
+  return jnp.argsort(perm).astype(jnp.int32)

@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+`x64`: run a test with float64 enabled (oracle comparisons are made in float64, where f32
+rounding flips of the error feedback cannot blur the comparison).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)

@@ -69,6 +69,9 @@ class GridConfig:
   # OWC search: grid resolution and maximal shrink (candidates p = 1 − i/grid, i < max_shrink·grid).
   owc_grid: int = 20
   owc_max_shrink: float = 0.5
+  # Round every fitted scale and zero to float16 (deployable statistics, stored exactly by the
+  # packed format). False keeps the reference's float32 statistics.
+  fp16_stats: bool = False
 
   @property
   def maxq(self) -> int:
@@ -164,11 +167,18 @@ def params_from_range(xmin: jax.Array, xmax: jax.Array,
   """(scale, zero) for the range [xmin, xmax] under the config's flavour."""
   scale = (xmax - xmin) / cfg.maxq
   if cfg.sym:
-    return scale, jnp.full_like(scale, (cfg.maxq + 1) / 2)
-  if cfg.flavor == Flavor.GPTQ:
-    return scale, jnp.round(-xmin / scale)
-  zero = -xmin / scale
-  return scale, jnp.round(zero) if cfg.round_zero else zero
+    zero = jnp.full_like(scale, (cfg.maxq + 1) / 2)
+  elif cfg.flavor == Flavor.GPTQ or cfg.round_zero:
+    zero = jnp.round(-xmin / scale)
+  else:
+    zero = -xmin / scale
+  if cfg.fp16_stats:
+    scale, zero = _through_fp16(scale), _through_fp16(zero)
+  return scale, zero
+
+
+def _through_fp16(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float16).astype(x.dtype)
 
 
 def minmax_params(x: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,218 @@
+"""GPTQ with the exact semantics of IST-DASLab/gptq `fasterquant` (algorithms.md 1.2).
+
+Per block of `blocksize` columns (processing order), each column j is quantized, its error
+err = (w − q) / U_jj is propagated to the rest of the block with the row U[j, j+1:] (rank-1),
+and after the block the accumulated errors update all later columns at once (lazy batch).
+U is the upper Cholesky factor of the damped H⁻¹. `blocksize` changes only speed.
+
+Groups (non-static): parameters are fitted at every group start j on W[:, j:j+G]. As in the
+reference, W there is the *outer* weight, which has not received the current block's
+in-block updates (they live in the block copy) when G < blocksize; `exact_groups=True` fits on
+the fully updated weights instead. Static groups fit every group once on the (dead-zeroed)
+original W. With act-order and non-static groups the groups are contiguous in the permuted
+order (the result's group_index records it).
+
+We keep the reference's naming (W, H, U, percdamp), hence the capitalised variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cdquant_jax._numerics import hdot, layer_objective
+from cdquant_jax.quant import grids
+from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
+from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers.result import SolveResult, no_outliers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+  """GPTQ settings (reference defaults)."""
+
+  # Grid (bits, group size, sym, scale search: minmax or mse; owc only for fixed parameters).
+  grid: GridConfig = GridConfig()
+  # Columns per lazy-update block; affects speed only.
+  blocksize: int = 128
+  # Relative damping: H += percdamp · mean(diag H) · I.
+  percdamp: float = 0.01
+  # Process columns by descending diag(H).
+  act_order: bool = False
+  # Fit every group once on the original weights before the sweep.
+  static_groups: bool = False
+  # Fit mid-block groups on fully updated weights (the reference uses the outer W).
+  exact_groups: bool = False
+  # Damping escalations (×10 each) tried when the Cholesky fails.
+  max_damp_escalations: int = 4
+
+  def validate(self, d_in: int) -> None:
+    self.grid.validate(d_in)
+    if self.grid.flavor != Flavor.GPTQ:
+      raise ValueError("GPTQ uses the GPTQ grid flavour; use the SpQR solver for SpQR grids")
+    if self.blocksize <= 0:
+      raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+    if self.percdamp < 0:
+      raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+    dynamic_groups = self.grid.group_size != -1 and not self.static_groups
+    if self.grid.scale_search == "owc" and dynamic_groups:
+      raise ValueError("scale_search='owc' needs fixed grid parameters: use per-channel or "
+                       "static groups with GPTQ")
+
+
+def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResult:
+  """Quantizes W [d_out, d_in] with GPTQ on the layer Hessian H [d_in, d_in].
+
+  Returns:
+    SolveResult with Q and codes in the original column order, the grid (group_index in
+    original order), the processing permutation and diagnostics: "gptq_loss" (the reference's
+    Σ (w − q)² / U_jj² / 2), "percdamp", "damp", "escalations".
+  Raises:
+    ValueError / HessianError naming the layer for bad shapes, values, bits or group sizes, and
+    when no damping up to the bound makes H positive definite.
+  """
+  hessian.check_layer_problem(W, H, layer=layer)
+  W = jnp.asarray(W)
+  H = jnp.asarray(H, W.dtype)
+  d_out, d_in = W.shape
+  cfg.validate(d_in)
+  n_groups, g = cfg.grid.groups(d_in)
+
+  # Per-channel parameters come from the ORIGINAL W (the reference fits them before zeroing
+  # dead columns); static groups from the dead-zeroed W.
+  row_grid = grids.fit_grid(W, dataclasses.replace(cfg.grid, group_size=-1), H)
+  dead = hessian.dead_columns(H)
+  H1, W1 = hessian.fix_dead(H, W, dead)
+  static_grid = grids.fit_grid(W1, cfg.grid, H1) if cfg.static_groups else row_grid
+
+  perm = (hessian.act_order_permutation(H1) if cfg.act_order
+          else jnp.arange(d_in, dtype=jnp.int32))
+  Wp, Hp = hessian.permute(W1, H1, perm)
+  prep = hessian.prepare_hessian(Hp, Wp, cfg.percdamp, order="gptq",
+                                 max_escalations=cfg.max_damp_escalations, layer=layer)
+
+  per_channel = cfg.grid.group_size == -1
+  fixed = row_grid if per_channel else static_grid
+  # Parameters of each processed column: [d_out, d_in] gathered in processing order.
+  fixed_scale = jnp.take(fixed.scale, jnp.take(fixed.group_index, perm), axis=1)
+  fixed_zero = jnp.take(fixed.zero, jnp.take(fixed.group_index, perm), axis=1)
+  Qp, codes_p, scale, zero, loss = _sweep(prep.W, prep.U, fixed_scale, fixed_zero, cfg=cfg,
+                                          dynamic=not (per_channel or cfg.static_groups))
+
+  inv = hessian.inverse_permutation(perm)
+  if per_channel or cfg.static_groups:
+    grid = fixed
+  else:
+    # Groups are contiguous in processing order: column perm[j] belongs to group j // g.
+    group_index = (jnp.arange(d_in, dtype=jnp.int32) // g)[inv]
+    grid = Grid(scale=scale, zero=zero, group_index=group_index, maxq=cfg.grid.maxq,
+                flavor=Flavor.GPTQ)
+  Q = Qp[:, inv]
+  return SolveResult(
+      Q=Q, codes=codes_p[:, inv], grid=grid, perm=perm, objective=layer_objective(W, Q, H),
+      outlier_mask=no_outliers(W),
+      diagnostics=dict(gptq_loss=loss, percdamp=jnp.asarray(prep.percdamp),
+                       damp=jnp.asarray(prep.damp), escalations=jnp.asarray(prep.escalations)))
+
+
+def _pad_problem(W, U, fixed_scale, fixed_zero, blocksize: int):
+  """Pads columns to a multiple of the block size: zero weights, identity U rows."""
+  d_in = W.shape[1]
+  pad = -d_in % blocksize
+  if not pad:
+    return W, U, fixed_scale, fixed_zero
+  n = d_in + pad
+  Up = jnp.eye(n, dtype=U.dtype).at[:d_in, :d_in].set(U)
+  widen = lambda A, v: jnp.pad(A, ((0, 0), (0, pad)), constant_values=v)
+  return widen(W, 0.0), Up, widen(fixed_scale, 1.0), widen(fixed_zero, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dynamic"))
+def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
+  """The blocked column sweep in processing order.
+
+  Internally works on transposed weights (a column of W is a contiguous row of Wᵀ).
+
+  Args:
+    W: [d_out, d_in] damped-problem weights (dead columns zeroed), processing order.
+    U: [d_in, d_in] upper Cholesky factor of the damped H⁻¹.
+    fixed_scale, fixed_zero: [d_out, d_in] per-column parameters (used when not `dynamic`).
+    cfg: config (static).
+    dynamic: fit group parameters during the sweep.
+  Returns:
+    (Q, codes, group scales, group zeros, reference loss); Q/codes [d_out, d_in] in processing
+    order, scales/zeros [d_out, n_groups] (only meaningful when `dynamic`).
+  """
+  d_out, d_in = W.shape
+  B = min(cfg.blocksize, d_in)
+  n_groups, G = cfg.grid.groups(d_in)
+  Wx, Ux, fs, fz = _pad_problem(W, U, fixed_scale, fixed_zero, B)
+  # [d_out, n_cols] -> [n_cols, d_out]: row j of WT is column j of W.
+  WT, fsT, fzT = Wx.T, fs.T, fz.T
+  n_cols = WT.shape[0]
+  cols = jnp.arange(n_cols)
+  maxq, flavor = cfg.grid.maxq, cfg.grid.flavor
+
+  def fit_group(WoutT, W1, Err1, i1, j):
+    """(scale, zero) [d_out] of the group starting at column j."""
+    Wg = jax.lax.dynamic_slice(WoutT, (j, 0), (G, d_out))
+    if cfg.exact_groups:
+      gcols = j + jnp.arange(G)
+      # Pending in-block updates of later blocks' columns: U[blk, gcols]ᵀ [G, B] @ Err1 [B, d_out].
+      Ublk = jax.lax.dynamic_slice(Ux, (i1, j), (B, G))
+      Wg = Wg - hdot((Ublk * (gcols >= i1 + B)[None, :]).T, Err1)
+      in_blk = (gcols >= i1) & (gcols < i1 + B)
+      W1g = jnp.take(W1, jnp.clip(gcols - i1, 0, B - 1), axis=0)
+      Wg = jnp.where(in_blk[:, None], W1g, Wg)
+    fit = grids.minmax_params if cfg.grid.scale_search == "minmax" else grids.mse_params
+    return fit(Wg.T, cfg.grid)
+
+  def column(i, state):
+    W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1 = state
+    j = i1 + i
+    if dynamic:
+      is_start = (j % G == 0) & (j < d_in)
+      params = jax.lax.cond(is_start, lambda: fit_group(WoutT, W1, Err1, i1, j),
+                            lambda: params)
+      s, z = params
+      # Parameters are constant within a group, so writing them at every column is exact.
+      gi = jnp.minimum(j // G, n_groups - 1)
+      scales, zeros = scales.at[gi].set(s), zeros.at[gi].set(z)
+    else:
+      s, z = fsT[j], fzT[j]
+    w = W1[i]
+    c = grids.codes_of(w, s, z, maxq, flavor)
+    q = grids.dequantize_codes(c, s, z)
+    d = U1[i, i]
+    err = (w - q) / d
+    loss = loss + jnp.sum((w - q) ** 2) / d**2 / 2
+    # Rank-1 update of the block's later columns: W1[i+1:] −= U1[i, i+1:] ⊗ err.
+    W1 = W1 - jnp.where(jnp.arange(B) > i, U1[i], 0.0)[:, None] * err[None, :]
+    return (W1, Q1.at[i].set(q), C1.at[i].set(c), Err1.at[i].set(err), loss, params,
+            scales, zeros, WoutT, i1, U1)
+
+  def block(b, state):
+    WoutT, Q, C, loss, params, scales, zeros = state
+    i1 = b * B
+    W1 = jax.lax.dynamic_slice(WoutT, (i1, 0), (B, d_out))
+    U1 = jax.lax.dynamic_slice(Ux, (i1, i1), (B, B))
+    zero_blk = jnp.zeros_like(W1)
+    inner = (W1, zero_blk, zero_blk, zero_blk, loss, params, scales, zeros, WoutT, i1, U1)
+    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _ = jax.lax.fori_loop(0, B, column, inner)
+    # Lazy batch update of all later columns: Wᵀ[i2:] −= U[blk, i2:]ᵀ @ Err1.
+    Urows = jax.lax.dynamic_slice(Ux, (i1, 0), (B, n_cols))
+    WoutT = WoutT - hdot(jnp.where(cols[None, :] >= i1 + B, Urows, 0.0).T, Err1)
+    Q = jax.lax.dynamic_update_slice(Q, Q1, (i1, 0))
+    C = jax.lax.dynamic_update_slice(C, C1, (i1, 0))
+    return WoutT, Q, C, loss, params, scales, zeros
+
+  zeros_like_WT = jnp.zeros_like(WT)
+  p0 = (jnp.ones((d_out,), W.dtype), jnp.zeros((d_out,), W.dtype))
+  stats0 = jnp.zeros((n_groups, d_out), W.dtype)
+  init = (WT, zeros_like_WT, zeros_like_WT, jnp.zeros((), W.dtype), p0, stats0, stats0)
+  _, QT, CT, loss, _, scales, zeros = jax.lax.fori_loop(0, n_cols // B, block, init)
+  scales, zeros = (scales.T, zeros.T) if dynamic else (stats0.T, stats0.T)
+  return QT[:d_in].T, CT[:d_in].T.astype(jnp.int32), scales, zeros, loss

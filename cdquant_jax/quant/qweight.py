@@ -1,0 +1,416 @@
+"""`QuantizedWeight`: the one packed container of every method, and its reference dequantizer.
+
+`dequantize(qw)` (pure jnp) is THE specification the Pallas kernels are tested against, and
+`dequantize(pack_result(result)) == result.Q` bit for bit in f32 (`pack_result` checks it).
+
+Layout (transposed for y = x @ Wᵀ; N = d_out output channels, K = d_in input features)
+-------------------------------------------------------------------------------------
+Storage order. Row k of every K-indexed array is input feature perm[k]; `perm` is the stable
+argsort of the grid's group index, so each first-level group is a contiguous run of G = d_in /
+n_groups rows: group(k) = k // G (per-channel: G = d_in, one group). When that order is the
+identity (no act-order, static groups, per-channel) `perm` is None (meta.has_perm False). K is
+padded to k_pad = the next multiple of 32 with zero codes; padded x columns must be zero.
+
+  field             dtype / shape                         meaning
+  ----------------  ------------------------------------  ------------------------------------
+  codes             uint32, packed C[k, n] ∈ [0, 2^bits)  `packing.py`: bits 2, 4 (and 1, 8):
+                    [k_pad·bits/32, N]  or                flat, value j of word i is
+                    [bits, k_pad/32, N] (3, 5, 6, 7 bits) C[(32/bits)·i + j, n] at bit j·bits;
+                                                          3 bits: three word planes, chunk c
+                                                          (k = 32c..32c+31) is one 96-bit little-
+                                                          endian stream over planes 0, 1, 2
+                                                          (values 10 and 21 straddle two words).
+  scale, zero       first-level statistics, rows = n_groups_pad = ceil(k_pad / G) (rows past
+                    n_groups are padding: scale = zero = 0); one of three formats (meta.*_format):
+                      "f16" / "f32": float [n_groups_pad, N] (f16 iff every value is exactly
+                                     representable, so the round trip is exact);
+                      "qq" (SpQR second level): uint32 codes of bits meta.qq_{scale,zero}_bits,
+                                     packed like `codes` along the group axis, logical
+                                     [padded_rows(n_groups_pad), N];
+  {scale,zero}_qq_{scale,zero}
+                    float16 [n_groups_pad, N / qq_groupsize] (only for "qq" stats): second-level
+                    scale and zero of the output channels n in [qq·m, qq·m + qq) of each group.
+  perm              int32 [d_in] or None (see above).
+  outlier_row_offsets int32 [N + 1]   CSR over output channels n (None when nnz = 0);
+  outlier_col_idx   int32 [nnz]       input features in ORIGINAL order (use the un-permuted x);
+  outlier_values    float16 [nnz]     ADDITIVE corrections: W = dense + S.
+
+Dequantization (all f32; this exact order of operations is what makes the round trip exact):
+  "qq" stat[g, n] = f32(qq_scale[g, n // qq]) · (code[g, n] − f32(qq_zero[g, n // qq]))
+  dense[k, n]     = scale[k // G, n] · (C[k, n] − zero[k // G, n])        (k < d_in)
+  W[n, perm[k]]   = dense[k, n];   then  W[n, col] += f32(value) for each outlier of row n.
+Both flavours dequantize as s · (q − z) (zeros in code units; GPTQ zeros are integers).
+A kernel computes y[b, n] = Σ_k x[b, perm[k]] · dense[k, n] + Σ_j x[b, col_j] · value_j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdquant_jax.quant import packing
+
+FORMAT_VERSION = 1
+FLOAT_FORMATS = ("f16", "f32")
+STAT_FORMATS = FLOAT_FORMATS + ("qq",)
+QQ_FIELDS = ("scale_qq_scale", "scale_qq_zero", "zero_qq_scale", "zero_qq_zero")
+ARRAY_FIELDS = ("codes", "scale", "zero") + QQ_FIELDS + (
+    "perm", "outlier_row_offsets", "outlier_col_idx", "outlier_values")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantMeta:
+  """Static description of a `QuantizedWeight` (hashable; JSON-serialisable via `asdict`)."""
+
+  # Producing method ("rtn", "gptq", "cd", "spqr", ...), free text.
+  method: str
+  # Width of the weight codes.
+  bits: int
+  # G: storage rows per first-level group (d_in for per-channel grids).
+  group_size: int
+  # "gptq" or "spqr" (parameter rule of the solver; both dequantize as s·(q − z)).
+  flavor: str
+  sym: bool
+  d_out: int
+  d_in: int
+  # d_in rounded up to a multiple of 32.
+  k_pad: int
+  # Real groups (d_in / G) and stored stat rows (ceil(k_pad / G)).
+  n_groups: int
+  n_groups_pad: int
+  # "f16", "f32" or "qq" for the first-level scale and zero.
+  scale_format: str
+  zero_format: str
+  # Second level (SpQR): output channels per second-level group and code widths; 0 = unused.
+  qq_groupsize: int = 0
+  qq_scale_bits: int = 0
+  qq_zero_bits: int = 0
+  # SpQR `round_zero` (only affects the paper's bits formula).
+  round_zero: bool = False
+  has_perm: bool = False
+  # Number of outliers (0: no outlier arrays).
+  nnz: int = 0
+  format_version: int = FORMAT_VERSION
+
+  def validate(self) -> None:
+    """Raises ValueError naming the inconsistent field."""
+    if self.format_version != FORMAT_VERSION:
+      raise ValueError(f"unsupported format_version {self.format_version} "
+                       f"(this code reads {FORMAT_VERSION})")
+    for name in ("scale_format", "zero_format"):
+      if getattr(self, name) not in STAT_FORMATS:
+        raise ValueError(f"{name} must be one of {STAT_FORMATS}, got {getattr(self, name)!r}")
+    if self.k_pad != packing.padded_rows(self.d_in):
+      raise ValueError(f"k_pad={self.k_pad} is not d_in={self.d_in} padded to 32")
+    if self.n_groups * self.group_size != self.d_in:
+      raise ValueError(f"n_groups={self.n_groups} × group_size={self.group_size} != "
+                       f"d_in={self.d_in}")
+    if self.n_groups_pad != -(-self.k_pad // self.group_size):
+      raise ValueError(f"n_groups_pad={self.n_groups_pad} != ceil(k_pad / group_size)")
+    if "qq" in (self.scale_format, self.zero_format) and (
+        self.qq_groupsize <= 0 or self.d_out % self.qq_groupsize):
+      raise ValueError(f"qq_groupsize={self.qq_groupsize} must divide d_out={self.d_out}")
+
+  def stat_bits(self, which: str) -> int:
+    """Code width of a "qq" first-level statistic ("scale" or "zero")."""
+    return self.qq_scale_bits if which == "scale" else self.qq_zero_bits
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizedWeight:
+  """A packed quantized [d_out, d_in] weight; see the module docstring for every field."""
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: jax.Array
+  scale_qq_scale: jax.Array | None = None
+  scale_qq_zero: jax.Array | None = None
+  zero_qq_scale: jax.Array | None = None
+  zero_qq_zero: jax.Array | None = None
+  perm: jax.Array | None = None
+  outlier_row_offsets: jax.Array | None = None
+  outlier_col_idx: jax.Array | None = None
+  outlier_values: jax.Array | None = None
+  meta: QuantMeta = dataclasses.field(metadata=dict(static=True))
+
+  def arrays(self) -> dict[str, jax.Array]:
+    """The stored arrays by field name (None fields left out)."""
+    out = {name: getattr(self, name) for name in ARRAY_FIELDS}
+    return {name: a for name, a in out.items() if a is not None}
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.meta.d_out, self.meta.d_in)
+
+
+def expected_shapes(meta: QuantMeta) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Field -> (shape, numpy dtype name) of every array a container with `meta` must hold."""
+  n = meta.d_out
+  out = {"codes": (packing.packed_shape(meta.k_pad, n, meta.bits), "uint32")}
+  for which in ("scale", "zero"):
+    fmt = getattr(meta, f"{which}_format")
+    if fmt == "qq":
+      rows = packing.padded_rows(meta.n_groups_pad)
+      out[which] = (packing.packed_shape(rows, n, meta.stat_bits(which)), "uint32")
+      for level in ("scale", "zero"):
+        out[f"{which}_qq_{level}"] = ((meta.n_groups_pad, n // meta.qq_groupsize), "float16")
+    else:
+      out[which] = ((meta.n_groups_pad, n), "float16" if fmt == "f16" else "float32")
+  if meta.has_perm:
+    out["perm"] = ((meta.d_in,), "int32")
+  if meta.nnz:
+    out["outlier_row_offsets"] = ((n + 1,), "int32")
+    out["outlier_col_idx"] = ((meta.nnz,), "int32")
+    out["outlier_values"] = ((meta.nnz,), "float16")
+  return out
+
+
+def check_arrays(qw: QuantizedWeight, name: str = "weight") -> None:
+  """Raises ValueError naming `name` and the field when an array's shape/dtype breaks the layout."""
+  qw.meta.validate()
+  expected = expected_shapes(qw.meta)
+  present = qw.arrays()
+  if set(present) != set(expected):
+    raise ValueError(f"{name}: arrays {sorted(present)} do not match the metadata, "
+                     f"which needs {sorted(expected)}")
+  for field, (shape, dtype) in expected.items():
+    a = present[field]
+    if tuple(a.shape) != shape or np.dtype(a.dtype).name != dtype:
+      raise ValueError(f"{name}.{field}: expected {dtype}{list(shape)}, "
+                       f"got {np.dtype(a.dtype).name}{list(a.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dequantization (the reference the kernels are tested against).
+
+
+def first_level_stat(qw: QuantizedWeight, which: str) -> jax.Array:
+  """First-level "scale" or "zero" as f32 [n_groups_pad, N] (rows past n_groups are padding)."""
+  meta = qw.meta
+  stored = getattr(qw, which)
+  if getattr(meta, f"{which}_format") != "qq":
+    return stored.astype(jnp.float32)
+  codes = packing.unpack_codes(stored, meta.stat_bits(which))[:meta.n_groups_pad]
+  qq_scale = getattr(qw, f"{which}_qq_scale").astype(jnp.float32)
+  qq_zero = getattr(qw, f"{which}_qq_zero").astype(jnp.float32)
+  # [n_groups_pad, N / qq] -> [n_groups_pad, N]: one second-level value per qq output channels
+  qq_scale = jnp.repeat(qq_scale, meta.qq_groupsize, axis=1)
+  qq_zero = jnp.repeat(qq_zero, meta.qq_groupsize, axis=1)
+  return qq_scale * (codes.astype(jnp.float32) - qq_zero)
+
+
+def dense_storage(qw: QuantizedWeight) -> jax.Array:
+  """Dense part in storage layout, f32 [k_pad, N] (padded rows are exactly 0)."""
+  meta = qw.meta
+  codes = packing.unpack_codes(qw.codes, meta.bits).astype(jnp.float32)  # [k_pad, N]
+  group_of_row = np.arange(meta.k_pad) // meta.group_size  # static [k_pad]
+  scale = jnp.take(first_level_stat(qw, "scale"), group_of_row, axis=0)  # [k_pad, N]
+  zero = jnp.take(first_level_stat(qw, "zero"), group_of_row, axis=0)  # [k_pad, N]
+  return scale * (codes - zero)
+
+
+def dense_weight(qw: QuantizedWeight) -> jax.Array:
+  """Dense part without outliers, f32 [d_out, d_in] in ORIGINAL input order."""
+  meta = qw.meta
+  dense_t = dense_storage(qw)[:meta.d_in].T  # [N, d_in], columns in storage order
+  if qw.perm is None:
+    return dense_t
+  return jnp.zeros_like(dense_t).at[:, qw.perm].set(dense_t)
+
+
+def outlier_rows(qw: QuantizedWeight) -> jax.Array:
+  """int32 [nnz] output channel of every outlier, expanded from the CSR row offsets."""
+  counts = jnp.diff(qw.outlier_row_offsets)
+  return jnp.repeat(jnp.arange(qw.meta.d_out, dtype=jnp.int32), counts,
+                    total_repeat_length=qw.meta.nnz)
+
+
+def dequantize(qw: QuantizedWeight) -> jax.Array:
+  """The weight W [d_out, d_in] f32 (original order): dense(codes, stats) + outliers."""
+  W = dense_weight(qw)
+  if qw.meta.nnz == 0:
+    return W
+  values = qw.outlier_values.astype(jnp.float32)
+  return W.at[outlier_rows(qw), qw.outlier_col_idx].add(values)
+
+
+def matmul_reference(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+  """x [..., d_in] @ dequantize(qw)ᵀ -> [..., d_out] in f32 at HIGHEST precision."""
+  return jnp.matmul(x.astype(jnp.float32), dequantize(qw).T,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing a solver result.
+
+
+def storage_order(group_index: np.ndarray, n_groups: int) -> tuple[int, np.ndarray | None]:
+  """(G, perm): group length and the storage permutation (None when it is the identity).
+
+  Raises ValueError unless every group has the same number d_in / n_groups of columns.
+  """
+  d_in = group_index.shape[0]
+  if n_groups <= 0 or d_in % n_groups:
+    raise ValueError(f"n_groups={n_groups} does not divide d_in={d_in}")
+  G = d_in // n_groups
+  if group_index.min() < 0 or group_index.max() >= n_groups:
+    raise ValueError(f"group_index outside [0, {n_groups}): "
+                     f"[{group_index.min()}, {group_index.max()}]")
+  counts = np.bincount(group_index, minlength=n_groups)
+  if (counts != G).any():
+    g = int(np.flatnonzero(counts != G)[0])
+    raise ValueError(f"group {g} has {counts[g]} columns; packing needs {G} in every group")
+  perm = np.argsort(group_index, kind="stable").astype(np.int32)
+  return G, (None if (perm == np.arange(d_in)).all() else perm)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+  """Zero-pads the first axis of `a` to `rows`."""
+  return np.concatenate([a, np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
+
+
+def _fits_f16(a: np.ndarray) -> bool:
+  return np.array_equal(a.astype(np.float16).astype(np.float32).view(np.uint32),
+                        a.astype(np.float32).view(np.uint32))
+
+
+def _float_stat(values: np.ndarray, n_groups_pad: int) -> tuple[str, np.ndarray]:
+  """[d_out, n_groups] f32 -> (format, [n_groups_pad, N] f16 when exact, else f32)."""
+  rows = _pad_rows(np.ascontiguousarray(values.T, np.float32), n_groups_pad)
+  return ("f16", rows.astype(np.float16)) if _fits_f16(rows) else ("f32", rows)
+
+
+def _qq_stat(extras: dict, which: str, bits: int, d_out: int, n_groups: int,
+             n_groups_pad: int, qq: int) -> dict[str, np.ndarray]:
+  """Packs SpQR's second-level codes and float16 stats of the first-level `which` stat."""
+  codes = np.asarray(extras[f"{which}_codes"])
+  if codes.shape != (d_out, n_groups):
+    raise ValueError(f"extras[{which}_codes] has shape {codes.shape}, expected "
+                     f"{(d_out, n_groups)}")
+  rows = packing.padded_rows(n_groups_pad)
+  out = {which: packing.pack_codes(_pad_rows(codes.T, rows), bits)}
+  for level in ("scale", "zero"):
+    key = f"{which}_qq_{level}"
+    stat = np.asarray(extras[key], np.float32)
+    if stat.shape != (d_out // qq, n_groups):
+      raise ValueError(f"extras[{key}] has shape {stat.shape}, expected {(d_out // qq, n_groups)}")
+    if not _fits_f16(stat):
+      raise ValueError(f"extras[{key}] holds values that are not float16-representable")
+    out[key] = _pad_rows(stat.T, n_groups_pad).astype(np.float16)
+  return out
+
+
+def _extra_int(extras: dict, key: str, given: int | None) -> int | None:
+  """An integer from the result's extras, else the caller's value."""
+  return int(np.asarray(extras[key])) if key in extras else given
+
+
+def _first_mismatch(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+  """Bool mask where two f32 arrays differ (NaN equals NaN, +0 equals −0)."""
+  return ~((got == want) | (np.isnan(got) & np.isnan(want)))
+
+
+def _raise_mismatch(what: str, bad: np.ndarray, got: np.ndarray, want: np.ndarray) -> None:
+  idx = tuple(int(i) for i in np.argwhere(bad)[0])
+  raise ValueError(f"{what} at {int(bad.sum())} positions; first {list(idx)}: "
+                   f"packed {got[idx]!r} vs solver {want[idx]!r}")
+
+
+def _outliers(Q: np.ndarray, dense: np.ndarray, mask: np.ndarray, method: str,
+              allow_lossy: bool) -> dict[str, np.ndarray]:
+  """CSR of additive float16 corrections Q − dense at the outlier positions."""
+  rows, cols = np.nonzero(mask)  # row-major: rows ascending, columns ascending within a row
+  values = (Q[rows, cols] - dense[rows, cols]).astype(np.float16)
+  rebuilt = dense[rows, cols] + values.astype(np.float32)
+  bad = _first_mismatch(rebuilt, Q[rows, cols])
+  if bad.any() and not allow_lossy:
+    j = int(np.flatnonzero(bad)[0])
+    raise ValueError(
+        f"pack_result({method}): {int(bad.sum())} outlier values are not dense + float16 "
+        f"(first at [{rows[j]}, {cols[j]}]: Q={Q[rows[j], cols[j]]!r}, dense="
+        f"{dense[rows[j], cols[j]]!r}, dense + f16(Q − dense)={rebuilt[j]!r}); "
+        "pass allow_lossy_outliers=True to store the nearest float16 correction")
+  counts = np.bincount(rows, minlength=Q.shape[0])
+  return dict(outlier_row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+              outlier_col_idx=cols.astype(np.int32), outlier_values=values)
+
+
+def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = False,
+                qq_scale_bits: int | None = None, qq_zero_bits: int | None = None,
+                allow_lossy_outliers: bool = False) -> QuantizedWeight:
+  """Packs a `SolveResult` into a `QuantizedWeight` and checks dequantize(·) == result.Q.
+
+  Args:
+    result: the solver's SolveResult. SpQR results carry extras "scale_codes"/"zero_codes"
+      ([d_out, n_groups] int32; absent for an unquantized level), "{scale,zero}_qq_{scale,
+      zero}" ([d_out / qq, n_groups] f32 holding float16 values), "qq_groupsize" and
+      optionally "qq_scale_bits"/"qq_zero_bits" (else given here).
+    method: name recorded in the metadata.
+    sym, round_zero: recorded in the metadata (round_zero changes the paper's bits formula).
+    qq_scale_bits, qq_zero_bits: second-level code widths when the extras lack them.
+    allow_lossy_outliers: store outliers whose correction Q − dense is not exactly a float16
+      (the round trip is then exact everywhere but at those outliers).
+  Raises:
+    ValueError: naming the field/position when the result cannot be stored exactly.
+  """
+  Q = np.asarray(result.Q, np.float32)
+  codes = np.asarray(result.codes)
+  d_out, d_in = Q.shape
+  grid, extras, bits = result.grid, dict(result.extras), result.bits
+  if codes.shape != Q.shape:
+    raise ValueError(f"codes shape {codes.shape} != Q shape {Q.shape}")
+  if codes.min() < 0 or codes.max() > grid.maxq:
+    raise ValueError(f"codes outside [0, {grid.maxq}]: [{codes.min()}, {codes.max()}]")
+  n_groups = int(grid.scale.shape[1])
+  G, perm = storage_order(np.asarray(grid.group_index), n_groups)
+  k_pad = packing.padded_rows(d_in)
+  n_groups_pad = -(-k_pad // G)
+  order = np.arange(d_in) if perm is None else perm
+  fields = dict(codes=packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), bits))
+  qq = _extra_int(extras, "qq_groupsize", 0)
+  qq_bits = dict(scale=_extra_int(extras, "qq_scale_bits", qq_scale_bits),
+                 zero=_extra_int(extras, "qq_zero_bits", qq_zero_bits))
+  formats = {}
+  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
+    if f"{which}_codes" in extras:
+      if not qq_bits[which] or not qq or d_out % qq:
+        raise ValueError(f"{which}: second-level codes need qq_{which}_bits (got "
+                         f"{qq_bits[which]}) and a qq_groupsize dividing d_out={d_out} (got {qq})")
+      formats[which] = "qq"
+      fields.update(_qq_stat(extras, which, qq_bits[which], d_out, n_groups, n_groups_pad, qq))
+    else:
+      formats[which], fields[which] = _float_stat(np.asarray(values, np.float32), n_groups_pad)
+  has_qq = "qq" in formats.values()
+  meta = QuantMeta(method=method, bits=bits, group_size=G, flavor=grid.flavor.value, sym=sym,
+                   d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
+                   n_groups_pad=n_groups_pad, scale_format=formats["scale"],
+                   zero_format=formats["zero"], qq_groupsize=qq if has_qq else 0,
+                   qq_scale_bits=(qq_bits["scale"] or 0) if formats["scale"] == "qq" else 0,
+                   qq_zero_bits=(qq_bits["zero"] or 0) if formats["zero"] == "qq" else 0,
+                   round_zero=round_zero, has_perm=perm is not None)
+  meta.validate()
+  dense_qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
+                             perm=None if perm is None else jnp.asarray(perm), meta=meta)
+  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
+    stored = np.asarray(first_level_stat(dense_qw, which))[:n_groups].T  # [d_out, n_groups]
+    bad = _first_mismatch(stored, np.asarray(values, np.float32))
+    if bad.any():
+      _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored,
+                      np.asarray(values, np.float32))
+  dense = np.asarray(dense_weight(dense_qw))
+  mask = np.asarray(result.outlier_mask, bool)
+  qw = dense_qw
+  if mask.any():
+    csr = _outliers(Q, dense, mask, method, allow_lossy_outliers)
+    qw = dataclasses.replace(dense_qw, **{k: jnp.asarray(v) for k, v in csr.items()},
+                             meta=dataclasses.replace(meta, nnz=int(mask.sum())))
+  W = np.asarray(dequantize(qw))
+  bad = _first_mismatch(W, Q) & ~(mask if allow_lossy_outliers else False)
+  if bad.any():
+    _raise_mismatch(f"pack_result({method}): dequantized weight differs from result.Q", bad,
+                    W, Q)
+  return qw

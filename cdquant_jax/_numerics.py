@@ -30,9 +30,10 @@ def row_objectives(W: jax.Array, Q: jax.Array, H: jax.Array) -> jax.Array:
   Returns:
     [d_out] objectives in the units of H × weight².
   """
-  E = (W - Q).astype(jnp.float32)
+  dtype = jnp.result_type(W, Q, H, jnp.float32)  # f32, or f64 under x64 with f64 inputs
+  E = (W - Q).astype(dtype)
   # [d_out, d_in] @ [d_in, d_in] -> [d_out, d_in], then a row-wise dot with E.
-  return jnp.sum(hdot(E, H.astype(jnp.float32)) * E, axis=1)
+  return jnp.sum(hdot(E, H.astype(dtype)) * E, axis=1)
 
 
 @jax.jit

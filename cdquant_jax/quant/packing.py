@@ -16,11 +16,13 @@ Two array layouts of those words, chosen by `bits` (K = rows, a multiple of 32):
                                                chunk c (environment.md 3.3(b)/(c)): a kernel
                                                unpacks slot v with one or two shifts and an or.
 
-Packing runs in numpy (offline); unpacking is pure jnp (jit-able, no loop over K: one static
-loop over the 32 slots of a chunk).
+Packing runs in numpy (offline); unpacking is pure jnp (jit-able, vectorised over the 32 slots
+of a chunk with static word/shift tables; no loop over K).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -112,17 +114,21 @@ def words_to_planes(words: jax.Array, bits: int) -> jax.Array:
   return words.reshape(n_words // bits, bits, n).transpose(1, 0, 2)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def unpack_codes(words: jax.Array, bits: int) -> jax.Array:
   """Inverse of `pack_codes`: packed words -> codes uint32 [K, N]. Pure jnp, jit-able."""
   _check_bits(bits)
-  planes = words_to_planes(jnp.asarray(words, jnp.uint32), bits)
-  mask = jnp.uint32(2**bits - 1)
-  slots = []
-  for word, shift, straddles in _slot_table(bits):
-    value = planes[word] >> jnp.uint32(shift)
-    if straddles:
-      value = value | (planes[word + 1] << jnp.uint32(32 - shift))
-    slots.append(value & mask)
+  planes = words_to_planes(jnp.asarray(words, jnp.uint32), bits)  # [bits, K/32, N]
+  table = _slot_table(bits)
+  word = np.array([w for w, _, _ in table])  # static [32]
+  shift = np.array([s for _, s, _ in table], np.uint32)[:, None, None]
+  straddles = np.array([t for _, _, t in table])
+  # Slot v reads its word, and the next word when it straddles (the shift is 0 otherwise).
+  carry_shift = np.where(straddles, 32 - shift[:, 0, 0], 0).astype(np.uint32)[:, None, None]
+  next_word = np.minimum(word + 1, bits - 1)
+  low = planes[word] >> shift  # [32, K/32, N]
+  high = jnp.where(straddles[:, None, None], planes[next_word] << carry_shift, jnp.uint32(0))
+  values = (low | high) & jnp.uint32(2**bits - 1)  # [32, K/32, N]
   _, n_chunks, n = planes.shape
-  # 32 × [K/32, N] -> [K/32, 32, N] -> [K, N]
-  return jnp.stack(slots, axis=1).reshape(n_chunks * CHUNK, n)
+  # [32, K/32, N] -> [K/32, 32, N] -> [K, N]
+  return values.transpose(1, 0, 2).reshape(n_chunks * CHUNK, n)

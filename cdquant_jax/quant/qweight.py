@@ -28,8 +28,9 @@ padded to k_pad = the next multiple of 32 with zero codes; padded x columns must
                                      packed like `codes` along the group axis, logical
                                      [padded_rows(n_groups_pad), N];
   {scale,zero}_qq_{scale,zero}
-                    float16 [n_groups_pad, N / qq_groupsize] (only for "qq" stats): second-level
-                    scale and zero of the output channels n in [qq·m, qq·m + qq) of each group.
+                    float16 (meta.qq_dtype "f16"; "f32" only when a solver kept non-f16 second-
+                    level stats) [n_groups_pad, N / qq_groupsize], only for "qq" stats: second-
+                    level scale and zero of the output channels n in [qq·m, qq·m + qq), group g.
   perm              int32 [d_in] or None (see above).
   outlier_row_offsets int32 [N + 1]   CSR over output channels n (None when nnz = 0);
   outlier_col_idx   int32 [nnz]       input features in ORIGINAL order (use the un-permuted x);
@@ -88,6 +89,8 @@ class QuantMeta:
   qq_groupsize: int = 0
   qq_scale_bits: int = 0
   qq_zero_bits: int = 0
+  # dtype of the stored second-level statistics, "f16" (or "f32" when not representable).
+  qq_dtype: str = "f16"
   # SpQR `round_zero` (only affects the paper's bits formula).
   round_zero: bool = False
   has_perm: bool = False
@@ -100,6 +103,8 @@ class QuantMeta:
     if self.format_version != FORMAT_VERSION:
       raise ValueError(f"unsupported format_version {self.format_version} "
                        f"(this code reads {FORMAT_VERSION})")
+    if self.qq_dtype not in FLOAT_FORMATS:
+      raise ValueError(f"qq_dtype must be one of {FLOAT_FORMATS}, got {self.qq_dtype!r}")
     for name in ("scale_format", "zero_format"):
       if getattr(self, name) not in STAT_FORMATS:
         raise ValueError(f"{name} must be one of {STAT_FORMATS}, got {getattr(self, name)!r}")
@@ -157,7 +162,8 @@ def expected_shapes(meta: QuantMeta) -> dict[str, tuple[tuple[int, ...], str]]:
       rows = packing.padded_rows(meta.n_groups_pad)
       out[which] = (packing.packed_shape(rows, n, meta.stat_bits(which)), "uint32")
       for level in ("scale", "zero"):
-        out[f"{which}_qq_{level}"] = ((meta.n_groups_pad, n // meta.qq_groupsize), "float16")
+        out[f"{which}_qq_{level}"] = ((meta.n_groups_pad, n // meta.qq_groupsize),
+                                      "float16" if meta.qq_dtype == "f16" else "float32")
     else:
       out[which] = ((meta.n_groups_pad, n), "float16" if fmt == "f16" else "float32")
   if meta.has_perm:
@@ -298,9 +304,7 @@ def _qq_stat(extras: dict, which: str, bits: int, d_out: int, n_groups: int,
     stat = np.asarray(extras[key], np.float32)
     if stat.shape != (d_out // qq, n_groups):
       raise ValueError(f"extras[{key}] has shape {stat.shape}, expected {(d_out // qq, n_groups)}")
-    if not _fits_f16(stat):
-      raise ValueError(f"extras[{key}] holds values that are not float16-representable")
-    out[key] = _pad_rows(stat.T, n_groups_pad).astype(np.float16)
+    out[key] = _pad_rows(np.ascontiguousarray(stat.T), n_groups_pad)
   return out
 
 
@@ -385,12 +389,18 @@ def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = Fa
     else:
       formats[which], fields[which] = _float_stat(np.asarray(values, np.float32), n_groups_pad)
   has_qq = "qq" in formats.values()
+  qq_arrays = [fields[k] for k in QQ_FIELDS if k in fields]
+  qq_dtype = "f16" if all(_fits_f16(a) for a in qq_arrays) else "f32"
+  for k in QQ_FIELDS:
+    if k in fields and qq_dtype == "f16":
+      fields[k] = fields[k].astype(np.float16)
   meta = QuantMeta(method=method, bits=bits, group_size=G, flavor=grid.flavor.value, sym=sym,
                    d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
                    n_groups_pad=n_groups_pad, scale_format=formats["scale"],
                    zero_format=formats["zero"], qq_groupsize=qq if has_qq else 0,
                    qq_scale_bits=(qq_bits["scale"] or 0) if formats["scale"] == "qq" else 0,
                    qq_zero_bits=(qq_bits["zero"] or 0) if formats["zero"] == "qq" else 0,
+                   qq_dtype=qq_dtype,
                    round_zero=round_zero, has_perm=perm is not None)
   meta.validate()
   dense_qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},

@@ -1,0 +1,258 @@
+"""CDQuant's greedy coordinate descent (CD) on a fixed quantization grid (algorithms.md 3.2).
+
+Per row r keep g = H (q_r − w_r) (all rows: G = (Q − W) H, [d_out, d_in]). Moving coordinate i
+by δ changes the row's objective by exactly
+
+    Δ_i(δ) = 2 δ g_i + δ² H_ii,
+
+a parabola in δ, so the best grid value of coordinate i is the grid point nearest to
+t_i = q_i − g_i / H_ii. Each greedy step applies, in every row at once, the coordinate with the
+most negative Δ_i; a row whose best Δ_i is ≥ 0 is 1-opt and stops for good (rows are
+independent and nothing else changes its g). G is updated with one gathered row of H per row,
+so a step costs O(d_out · d_in), and re-synchronised exactly (one matmul) every
+`resync_every` steps and at the end.
+
+Speed: rows converge at very different speeds (a few % of d_in moves on average, a long tail).
+The loop therefore runs in *phases*: phase k works on the `rows_k` rows that are still active
+(rows_0 = d_out, then halving down to `min_phase_rows`), gathered into a smaller array, and hands
+over to the next phase once at most rows_{k+1} rows are active. Shapes stay static (the phases
+are unrolled at trace time, a handful of them), and the cost of a step follows the active rows.
+
+Dead columns (H_ii == 0) have g_i = 0, so Δ_i = 0 and they never move; callers put them at the
+code of 0 (see `init.start_point`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from cdquant_jax._numerics import hdot
+from cdquant_jax.quant import grids
+from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
+from cdquant_jax.solvers import hessian, init as init_lib, refit as refit_lib
+from cdquant_jax.solvers.gptq import GPTQConfig
+from cdquant_jax.solvers.result import SolveResult
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CDConfig:
+  """Greedy CD settings. The paper does not publish its budget or init details: all ablatable."""
+
+  # Grid (bits, group size, sym, flavour, scale search of the RTN init).
+  grid: GridConfig = GridConfig()
+  # Starting point: "rtn", "owc" (RTN on the H-weighted clipping grid) or "gptq".
+  init: Literal["rtn", "owc", "gptq"] = "gptq"
+  # Settings of the GPTQ init (its grid is replaced by `grid`). act_order=True is the best
+  # single-coordinate configuration measured (algorithms.md 7).
+  gptq: GPTQConfig = GPTQConfig()
+  # Step budget per row = ceil(factor · d_in) greedy steps ("one sweep-equivalent" at 1.0).
+  # Rows stop earlier at a 1-opt point, which measured layers reach after a few % of d_in.
+  max_steps_factor: float = 1.0
+  # Recompute G = (Q − W) H and the objective exactly every this many steps (kills f32 drift).
+  resync_every: int = 512
+  # Alternating rounds of (closed-form (scale, zero) refit with codes fixed, then CD again).
+  # Meant for group grids (algorithms.md 3.3); 0 = the grid of the init is kept.
+  refit_rounds: int = 0
+  # Smallest row count of a compaction phase (see the module docstring); affects speed only.
+  min_phase_rows: int = 64
+
+  def max_steps(self, d_in: int) -> int:
+    return max(1, math.ceil(self.max_steps_factor * d_in))
+
+  def validate(self, d_in: int) -> None:
+    self.grid.validate(d_in)
+    if self.init not in init_lib.INIT_METHODS:
+      raise ValueError(f"init must be one of {init_lib.INIT_METHODS}, got {self.init!r}")
+    if self.max_steps_factor <= 0:
+      raise ValueError(f"max_steps_factor must be positive, got {self.max_steps_factor}")
+    if self.resync_every <= 0:
+      raise ValueError(f"resync_every must be positive, got {self.resync_every}")
+    if self.refit_rounds < 0:
+      raise ValueError(f"refit_rounds must be >= 0, got {self.refit_rounds}")
+    if self.min_phase_rows <= 0:
+      raise ValueError(f"min_phase_rows must be positive, got {self.min_phase_rows}")
+
+
+def cd(W, H, cfg: CDConfig = CDConfig(), *, layer: str = "?") -> SolveResult:
+  """Quantizes W [d_out, d_in] by greedy CD on the undamped layer Hessian H [d_in, d_in].
+
+  Returns:
+    SolveResult (Q, codes in original column order; perm from the init) with diagnostics:
+    "init_objective", the init's damping ("init_percdamp", ...), "steps" [d_out] (moves per row,
+    summed over refit rounds), "objective_trace" (tracked objective every `trace_every` steps of
+    the last round, NaN after the loop ended), "tracked_objective" / "recomputed_objective" (end
+    of the last round), "max_resync_drift", "global_steps", "refit_objectives".
+  Raises:
+    ValueError / HessianError naming the layer for bad shapes, values or settings.
+  """
+  hessian.check_layer_problem(W, H, layer=layer)
+  d_in = jnp.shape(W)[1]
+  cfg.validate(d_in)
+  init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, cfg.gptq, layer=layer)
+  start = init_lib.start_point(W, H, init)
+  refine = functools.partial(refine_greedy, start.W, start.H, max_steps=cfg.max_steps(d_in),
+                             resync_every=cfg.resync_every, min_phase_rows=cfg.min_phase_rows)
+  Q, diag = refine(start.Q, start.grid)
+  grid, steps, refit_objectives = start.grid, diag["steps"], []
+  for _ in range(cfg.refit_rounds):
+    grid, Q, refit_diag = refit_lib.refit_grid(start.W, start.H, Q, grid, cfg.grid,
+                                               dead=start.dead)
+    refit_objectives.append(refit_diag["objective"])
+    Q, diag = refine(Q, grid)
+    steps = steps + diag["steps"]
+  diagnostics = {**init_lib.init_diagnostics(init), **diag, "steps": steps}
+  if refit_objectives:
+    diagnostics["refit_objectives"] = jnp.stack(refit_objectives)
+  return init_lib.solve_result(W, H, Q, grid, init.perm, diagnostics)
+
+
+def grid_arrays(grid: Grid, dtype) -> tuple[jax.Array, jax.Array]:
+  """(scale, zero) broadcastable to [d_out, d_in]: [d_out, 1] per channel, else expanded."""
+  if grid.scale.shape[1] == 1:
+    return grid.scale.astype(dtype), grid.zero.astype(dtype)
+  s, z = grid.expand()
+  return s.astype(dtype), z.astype(dtype)
+
+
+def phase_sizes(d_out: int, min_rows: int) -> tuple[int, ...]:
+  """Row counts of the compaction phases: d_out, then halving while above `min_rows`."""
+  sizes = [d_out]
+  while sizes[-1] > min_rows:
+    sizes.append(max(min_rows, math.ceil(sizes[-1] / 2)))
+  return tuple(sizes)
+
+
+def refine_greedy(W, H, Q0, grid: Grid, *, max_steps: int, resync_every: int,
+                  frozen: jax.Array | None = None, trace_every: int | None = None,
+                  min_phase_rows: int = 64) -> tuple[jax.Array, dict]:
+  """Greedy CD over a FIXED grid from Q0.
+
+  Args:
+    W: [d_out, d_in] target weights (dead columns zeroed by the caller).
+    H: [d_in, d_in] undamped Hessian.
+    Q0: [d_out, d_in] start; exact grid values except at `frozen` coordinates.
+    grid: the grid the free coordinates move on.
+    max_steps: greedy steps at most (each row moves at most once per step).
+    resync_every: exact recomputation of G and of the objective every this many steps.
+    frozen: optional [d_out, d_in] bool, coordinates that never move (they keep Q0 and still
+      enter g, e.g. SpQR outliers).
+    trace_every: record the tracked objective every this many steps (default: ~256 records).
+    min_phase_rows: smallest compaction phase (speed only).
+  Returns:
+    (Q [d_out, d_in], diagnostics): "steps" [d_out] int32 moves per row, "global_steps",
+    "objective_trace" [max_steps // trace_every + 1] (entry k after k·trace_every steps; NaN
+    after the loop ended), "trace_every", "tracked_objective" (running sum of the Δ since the
+    last resync) and "recomputed_objective" (exact, at the end), "max_resync_drift" (largest
+    relative gap between tracked and recomputed objective seen at a resync or at the end).
+  """
+  dtype = init_lib.working_dtype(W)
+  W, H, Q0 = (jnp.asarray(a, dtype) for a in (W, H, Q0))
+  d_out, _ = W.shape
+  s, z = grid_arrays(grid, dtype)
+  trace_every = trace_every or max(1, max_steps // 256)
+  frozen = None if frozen is None else jnp.asarray(frozen, bool)
+  return _greedy(W, H, Q0, s, z, frozen, maxq=grid.maxq, flavor=grid.flavor,
+                 max_steps=int(max_steps), resync_every=int(resync_every),
+                 trace_every=int(trace_every), sizes=phase_sizes(d_out, min_phase_rows))
+
+
+def _take_rows(x, idx):
+  return x if idx is None or x.shape[0] == 1 else jnp.take(x, idx, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("maxq", "flavor", "max_steps", "resync_every",
+                                             "trace_every", "sizes"))
+def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int,
+            resync_every: int, trace_every: int, sizes: tuple[int, ...]):
+  """The phased greedy loop; see `refine_greedy` (s, z broadcastable to [d_out, d_in])."""
+  d_out, d_in = W.shape
+  diag_h = jnp.diag(H)
+  inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
+  E0 = Q0 - W
+  G = hdot(E0, H)
+  obj = jnp.sum(E0 * G, axis=1)
+  Q, steps, active = Q0, jnp.zeros((d_out,), jnp.int32), jnp.ones((d_out,), bool)
+  trace = jnp.full((max_steps // trace_every + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
+  # Loop-global carry: steps done, tracked total objective, trace, largest resync drift.
+  glob = (jnp.int32(0), jnp.sum(obj), trace, jnp.zeros((), W.dtype))
+
+  for k, rows in enumerate(sizes):
+    handover = sizes[k + 1] if k + 1 < len(sizes) else 0
+    # Active rows first; the previous phase ended with at most `rows` of them.
+    idx = None if rows == d_out else jnp.argsort(~active, stable=True)[:rows]
+    sub = tuple(_take_rows(x, idx) for x in (Q, G, obj, steps, active))
+    consts = tuple(None if x is None else _take_rows(x, idx) for x in (W, s, z, frozen))
+    outside = glob[1] - jnp.sum(sub[2])
+    sub, glob = _phase(sub, glob, consts, H, diag_h, inv_diag, outside, maxq=maxq,
+                       flavor=flavor, max_steps=max_steps, resync_every=resync_every,
+                       trace_every=trace_every, handover=handover)
+    if idx is None:
+      Q, G, obj, steps, active = sub
+    else:
+      Q, G, obj, steps, active = (x.at[idx].set(y) for x, y in zip((Q, G, obj, steps, active),
+                                                                      sub))
+
+  t, tracked, trace, drift = glob
+  E = Q - W
+  exact = jnp.sum(hdot(E, H) * E)
+  drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
+  return Q, dict(steps=steps, global_steps=t, objective_trace=trace[:-1],
+                 trace_every=jnp.int32(trace_every), tracked_objective=tracked,
+                 recomputed_objective=exact, max_resync_drift=drift)
+
+
+def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max_steps,
+           resync_every, trace_every, handover):
+  """Greedy steps on a gathered set of rows until at most `handover` stay active."""
+  W, s, z, frozen = consts
+  d_in = W.shape[1]
+  cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
+  n_trace = max_steps // trace_every + 1
+
+  def step(carry):
+    (Q, G, obj, steps, active), (t, total, trace, drift) = carry
+    target = Q - G * inv_diag
+    cand = grids.fake_quantize(target, s, z, maxq, flavor)
+    delta = cand - Q
+    if frozen is not None:
+      delta = jnp.where(frozen, 0.0, delta)
+    gain = delta * (2.0 * G + delta * diag_h)
+    # argmin over columns as two plain reductions (XLA:CPU's variadic argmin is slow).
+    best_gain = jnp.min(gain, axis=1)
+    best = jnp.min(jnp.where(gain == best_gain[:, None], cols, d_in), axis=1)
+    hit = cols == best[:, None]
+    move = active & (best_gain < 0)
+    new_val = jnp.sum(jnp.where(hit, cand, 0.0), axis=1)
+    old_val = jnp.sum(jnp.where(hit, Q, 0.0), axis=1)
+    Q = jnp.where(hit & move[:, None], new_val[:, None], Q)
+    moved_by = jnp.where(move, new_val - old_val, 0.0)
+    # G += δ ⊗ H[i*, :], one gathered row of H per row: [rows, d_in].
+    G = G + moved_by[:, None] * jnp.take(H, best, axis=0)
+    gained = jnp.where(move, best_gain, 0.0)
+    obj, total = obj + gained, total + jnp.sum(gained)
+    steps, active, t = steps + move, move, t + 1
+    slot = jnp.where(t % trace_every == 0, jnp.minimum(t // trace_every, n_trace), n_trace)
+    trace = trace.at[slot].set(total)
+    rows_state, glob_state = (Q, G, obj, steps, active), (t, total, trace, drift)
+    return jax.lax.cond(t % resync_every == 0, resync, lambda c: c, (rows_state, glob_state))
+
+  def resync(carry):
+    (Q, G, obj, steps, active), (t, total, trace, drift) = carry
+    E = Q - W
+    G = hdot(E, H)
+    obj = jnp.sum(E * G, axis=1)
+    exact = outside + jnp.sum(obj)
+    drift = jnp.maximum(drift, jnp.abs(total - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
+    return (Q, G, obj, steps, active), (t, exact, trace, drift)
+
+  def cond(carry):
+    (_, _, _, _, active), (t, _, _, _) = carry
+    return (jnp.sum(active) > handover) & (t < max_steps)
+
+  return jax.lax.while_loop(cond, step, (sub, glob))

@@ -1,0 +1,120 @@
+"""SpQR sweep: float64 oracle parity and properties."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cdquant_jax._numerics import layer_objective
+from cdquant_jax.quant.grids import dequantize
+from cdquant_jax.solvers.spqr import SpQRConfig, spqr
+from tests.fixtures.layer_problems import layer_problem
+from tests.solvers.oracles.spqr_numpy import spqr_reference
+
+ORACLE_CASES = {
+    "default": dict(),
+    "identity": dict(permutation_order="identity"),
+    "simplified": dict(simplified_outliers=True, percdamp=0.01),
+    "no_outliers": dict(outlier_threshold=math.inf),
+    "round_zero_b3": dict(round_zero=True),  # qq_zero_bits == bits: zeros stay unquantized
+    "round_zero_b4": dict(round_zero=True, bits=4),
+    "sym": dict(sym=True, qq_zero_bits=None),
+    "sym_qq_zero_sym": dict(sym=True, qq_zero_sym=True),
+    "unquantized_stats": dict(qq_scale_bits=None, qq_zero_bits=None, bits=2),
+    "group_spans_blocks": dict(groupsize=32, blocksize=16, qq_scale_bits=2),
+    "small_blocks": dict(blocksize=32, outlier_threshold=0.05),
+}
+
+
+def _compare(ours, ref, W, H):
+  mask = np.asarray(ours.outlier_mask)
+  np.testing.assert_array_equal(mask, ref["mask"])
+  np.testing.assert_allclose(np.asarray(ours.Q), ref["Q"], atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(np.asarray(ours.perm), ref["perm"])
+  np.testing.assert_allclose(np.asarray(ours.grid.scale), ref["scales"], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(ours.grid.zero), ref["zeros"], rtol=1e-9, atol=1e-9)
+  for name in ("scale", "zero"):
+    if f"{name}_codes" not in ours.extras:
+      assert all(name not in s for s in ref["second"])
+      continue
+    codes = np.stack([s[name][0] for s in ref["second"]], 1)
+    np.testing.assert_array_equal(np.asarray(ours.extras[f"{name}_codes"]), codes)
+    s2 = np.stack([s[name][1] for s in ref["second"]], 1)
+    np.testing.assert_allclose(np.asarray(ours.extras[f"{name}_qq_scale"]), s2, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", list(ORACLE_CASES))
+def test_matches_float64_oracle(x64, rng, case):
+  kw = ORACLE_CASES[case]
+  W, H = layer_problem(rng, 32, 64)
+  ours = spqr(W, H, SpQRConfig(fp16_storage=False, **kw))
+  ref = spqr_reference(W, H, fp16_storage=False, **kw)
+  _compare(ours, ref, W, H)
+  if "outlier_threshold" not in kw:
+    assert ref["mask"].any(), "the case should exercise outliers"
+
+
+def test_matches_oracle_with_padding_dead_columns_and_fp16_storage(x64, rng):
+  # d_in = 96 is not a multiple of the block size 64; one group spans the whole row.
+  W, H = layer_problem(rng, 32, 96, dead=3)
+  for kw in (dict(blocksize=64, groupsize=-1), dict(blocksize=64, groupsize=16)):
+    ours = spqr(W, H, SpQRConfig(fp16_storage=True, **kw))
+    ref = spqr_reference(W, H, fp16_storage=True, **kw)
+    _compare(ours, ref, W, H)
+
+
+def test_result_invariants_and_second_level_grid(rng):
+  W, H = layer_problem(rng, 48, 64)
+  cfg = SpQRConfig(qq_groupsize=16)
+  res = spqr(W, H, cfg)
+  Q, codes, mask = map(np.asarray, (res.Q, res.codes, res.outlier_mask))
+  assert Q.dtype == np.float32 and codes.dtype == np.int32
+  assert codes.min() >= 0 and codes.max() <= cfg.maxq
+  deq = np.asarray(dequantize(res.codes, res.grid))
+  np.testing.assert_array_equal(Q[~mask], deq[~mask])
+  # Group of the j-th processed column is j // groupsize.
+  np.testing.assert_array_equal(np.asarray(res.grid.group_index)[np.asarray(res.perm)],
+                                np.arange(64) // 16)
+  # Outliers hold float16 values; second-level statistics are float16-representable and the
+  # dequantized first-level statistics lie exactly on their second-level grids.
+  assert mask.any()
+  np.testing.assert_array_equal(Q[mask], Q[mask].astype(np.float16).astype(np.float32))
+  n_groups = 4
+  for name in ("scale", "zero"):
+    c = np.asarray(res.extras[f"{name}_codes"])
+    s2 = np.asarray(res.extras[f"{name}_qq_scale"])
+    z2 = np.asarray(res.extras[f"{name}_qq_zero"])
+    assert c.shape == (48, n_groups) and s2.shape == z2.shape == (3, n_groups)
+    assert c.min() >= 0 and c.max() <= 7
+    for v in (s2, z2):
+      np.testing.assert_array_equal(v, v.astype(np.float16).astype(np.float32))
+    # [d_out // β2, n_groups] -> one value per row
+    first = np.repeat(s2, 16, axis=0) * (c - np.repeat(z2, 16, axis=0))
+    np.testing.assert_allclose(np.asarray(getattr(res.grid, name)), first, rtol=1e-6, atol=1e-7)
+  assert int(res.extras["groupsize"]) == 16 and int(res.extras["qq_groupsize"]) == 16
+  np.testing.assert_allclose(float(res.objective), float(layer_objective(W, Q, H)), rtol=1e-5)
+
+
+def test_outliers_lower_the_objective_and_higher_tau_gives_fewer(rng):
+  W, H = layer_problem(rng, 32, 128)
+  W[rng.random(W.shape) < 0.01] *= 8.0  # a few heavy weights
+  base = spqr(W, H, SpQRConfig(outlier_threshold=math.inf))
+  counts, objectives = [], []
+  for tau in (0.05, 0.2, 1.0, 5.0):
+    res = spqr(W, H, SpQRConfig(outlier_threshold=tau))
+    counts.append(int(np.sum(np.asarray(res.outlier_mask))))
+    objectives.append(float(res.objective))
+  assert all(o < float(base.objective) for o in objectives[:3])
+  assert counts[0] > counts[1] > counts[2] >= counts[3]
+  assert counts[2] > 0
+
+
+def test_bad_shapes_raise_clear_errors(rng):
+  W, H = layer_problem(rng, 24, 64)
+  with pytest.raises(ValueError, match=r"layer q_proj.*qq_groupsize.*d_out=24"):
+    spqr(W, H, SpQRConfig(), layer="q_proj")
+  W, H = layer_problem(rng, 32, 64)
+  with pytest.raises(ValueError, match=r"groupsize.*d_in=64"):
+    spqr(W, H, SpQRConfig(groupsize=24), layer="q_proj")
+  with pytest.raises(ValueError, match=r"straddles"):
+    spqr(W, H, SpQRConfig(groupsize=32, blocksize=48), layer="q_proj")

@@ -1,0 +1,1 @@
+"""Flax/JAX decoder LMs loading HF and GGUF checkpoints."""

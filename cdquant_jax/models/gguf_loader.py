@@ -1,0 +1,137 @@
+"""GGUF files (llama.cpp): metadata -> HF config dict, tensors dequantized -> HF-named arrays.
+
+Supported architectures: `llama` (Llama, Mistral, SmolLM exports) and `qwen2`. Quantized tensors
+(Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to float32 with the `gguf` package.
+
+llama.cpp's converter permutes the rows of attn_q / attn_k of `llama` models so that rope acts
+on interleaved pairs; `unpermute_rope_rows` restores HF's rotate-half row order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                 "output": "lm_head"}
+
+
+def open_reader(path: str):
+  import gguf  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing GGUF file")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # gguf raises ValueError/struct errors on corrupt files
+    raise ValueError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
+
+
+def read_metadata(reader, skip_arrays: bool = True) -> dict[str, Any]:
+  """{key: value} of the GGUF metadata; long arrays (vocab, merges) skipped unless asked."""
+  out = {}
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF."):
+      continue
+    if skip_arrays and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                               "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+      continue
+    out[key] = field.contents()
+  return out
+
+
+def hf_config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                            path: str) -> dict[str, Any]:
+  """A HF config.json-style dict for the model a GGUF file describes."""
+  arch = meta.get("general.architecture")
+  if arch not in ARCH_TO_MODEL_TYPE:
+    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                     f"(supported: {sorted(ARCH_TO_MODEL_TYPE)})")
+  if "rope_freqs.weight" in tensor_shapes:
+    raise ValueError(f"{path}: rope_freqs (llama3 rope scaling in GGUF) is not supported")
+
+  def get(key, default=None):
+    return meta.get(f"{arch}.{key}", default)
+
+  heads = get("attention.head_count")
+  hf = {
+      "model_type": ARCH_TO_MODEL_TYPE[arch],
+      "hidden_size": get("embedding_length"),
+      "intermediate_size": get("feed_forward_length"),
+      "num_hidden_layers": get("block_count"),
+      "num_attention_heads": heads,
+      "num_key_value_heads": get("attention.head_count_kv", heads),
+      "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+      "max_position_embeddings": get("context_length", 2048),
+      "rope_theta": get("rope.freq_base", 10000.0),
+      "vocab_size": get("vocab_size", tensor_shapes.get("token_embd.weight", (None,))[0]),
+      "tie_word_embeddings": "output.weight" not in tensor_shapes,
+      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+  }
+  if get("attention.key_length") is not None:
+    hf["head_dim"] = get("attention.key_length")
+  if get("rope.scaling.type") not in (None, "none"):
+    hf["rope_scaling"] = {"rope_type": get("rope.scaling.type"),
+                          "factor": get("rope.scaling.factor")}
+  return {k: v for k, v in hf.items() if v is not None}
+
+
+def hf_tensor_name(gguf_name: str, path: str) -> str:
+  """llama.cpp tensor name -> HF name (e.g. blk.3.attn_q.weight -> model.layers.3.self_attn...)."""
+  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+  if m and m.group(2) in _LAYER_NAMES:
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+  m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+  if m and m.group(1) in _GLOBAL_NAMES:
+    return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+  raise ValueError(f"{path}: unsupported GGUF tensor {gguf_name!r}")
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's `permute`: per head, rows (pairs, 2) -> (2, pairs).
+
+  llama.cpp: w.reshape(n_head, 2, half, d_in).swapaxes(1, 2); this undoes it.
+  """
+  d_out = w.shape[0]
+  half = d_out // n_heads // 2
+  # [d_out, ...] -> [n_heads, half, 2, ...] -> [n_heads, 2, half, ...] -> [d_out, ...]
+  return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized(tensor) -> np.ndarray:
+  """A GGUF tensor as a float32 array in [d_out, d_in] (numpy) order."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+  shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+  return np.asarray(data, dtype=np.float32).reshape(shape)
+
+
+def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(HF config dict, {HF tensor name: float32 array}) of a GGUF file."""
+  reader = open_reader(path)
+  meta = read_metadata(reader)
+  # numpy-order shapes ([d_out, d_in]); GGUF lists dimensions innermost first.
+  shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+  config = hf_config_from_metadata(meta, shapes, path)
+  permute = meta["general.architecture"] == "llama"
+  state = {}
+  for tensor in reader.tensors:
+    name = hf_tensor_name(tensor.name, path)
+    w = dequantized(tensor)
+    if permute and name.endswith("q_proj.weight"):
+      w = unpermute_rope_rows(w, config["num_attention_heads"])
+    elif permute and name.endswith("k_proj.weight"):
+      w = unpermute_rope_rows(w, config["num_key_value_heads"])
+    state[name] = w
+  return config, state

@@ -1,0 +1,122 @@
+"""HF checkpoints: config.json + safetensors (single file or sharded index), local or from the hub.
+
+Tensors are read with `safetensors.numpy` (bf16 via ml_dtypes), renamed with the model's
+`hf_name_to_path` and checked strictly against `model.param_shapes()`: a missing, unexpected
+or wrongly shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors reads)
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_model_dir(path_or_hub_id: str) -> str:
+  """A local directory as is; otherwise a hub id downloaded with huggingface_hub (online)."""
+  if os.path.isdir(path_or_hub_id):
+    return path_or_hub_id
+  if os.path.exists(path_or_hub_id):
+    raise ValueError(f"{path_or_hub_id}: not a model directory (expected config.json + "
+                     "safetensors) nor a .gguf file")
+  from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+  return snapshot_download(path_or_hub_id, allow_patterns=[
+      "*.json", "*.safetensors", "tokenizer*", "*.model"])
+
+
+def read_config(model_dir: str) -> dict[str, Any]:
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _load_file(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing safetensors file")
+  try:
+    return load_file(path)
+  except Exception as e:  # safetensors raises its own error types for corrupt headers/data
+    raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+
+
+def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
+  """{HF tensor name: array} from model.safetensors or the shards of its index."""
+  index_path = os.path.join(model_dir, INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path, encoding="utf-8") as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index_path}: no 'weight_map' in the index")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+      loaded = _load_file(os.path.join(model_dir, shard))
+      expected = {name for name, file in weight_map.items() if file == shard}
+      missing = sorted(expected - set(loaded))
+      if missing:
+        raise ValueError(f"{os.path.join(model_dir, shard)}: lacks tensors listed in the index: "
+                         f"{missing[:10]}")
+      tensors.update(loaded)
+    return tensors
+  single = os.path.join(model_dir, SINGLE_FILE)
+  if not os.path.exists(single):
+    raise FileNotFoundError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+  return _load_file(single)
+
+
+def _set_path(tree: dict, path: tuple, value: Any) -> None:
+  """Nested assignment; an int key after "layers" indexes a list of per-layer dicts."""
+  node = tree
+  for i, key in enumerate(path[:-1]):
+    nxt = path[i + 1]
+    if isinstance(key, int):
+      while len(node) <= key:
+        node.append({})
+      node = node[key]
+    else:
+      node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+  node[path[-1]] = value
+
+
+def _flat_shapes(shapes: Any) -> dict[tuple, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  return {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf.shape
+          for path, leaf in leaves}
+
+
+def params_from_state_dict(model, state: dict[str, np.ndarray], dtype=jnp.float32,
+                           source: str = "checkpoint") -> dict[str, Any]:
+  """Nested params for `model` from HF-named tensors, cast to dtype, checked strictly."""
+  expected = _flat_shapes(model.param_shapes(dtype))
+  params: dict[str, Any] = {}
+  seen, unexpected = set(), []
+  for name, array in state.items():
+    path = model.hf_name_to_path(name)
+    if path is None:
+      continue
+    if path not in expected:
+      unexpected.append(name)
+      continue
+    if tuple(array.shape) != tuple(expected[path]):
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
+                       f"{tuple(expected[path])} for {model.config.model_type}")
+    _set_path(params, path, jnp.asarray(np.asarray(array), dtype=dtype))
+    seen.add(path)
+  missing = sorted(".".join(map(str, p)) for p in set(expected) - seen)
+  if unexpected or missing:
+    raise ValueError(f"{source}: tensors do not match {model.config.model_type}: "
+                     f"unexpected {sorted(unexpected)[:20]}, missing {missing[:20]}")
+  return params

@@ -1,0 +1,70 @@
+"""`load_model`: a HF directory, a hub id or a .gguf file -> (model, params, tokenizer or None)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from cdquant_jax.models import hf_loader
+from cdquant_jax.models.base import CausalLM
+from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.models.falcon import Falcon
+from cdquant_jax.models.llama import LlamaLike
+from cdquant_jax.models.opt import OPT
+
+FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaLike, "opt": OPT, "falcon": Falcon}
+
+_DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "f16": jnp.float16}
+
+
+def model_for_config(config: ModelConfig) -> CausalLM:
+  return FAMILIES[config.family](config)
+
+
+def model_from_hf_config(hf_config: dict[str, Any]) -> CausalLM:
+  """The model object for a HF config.json dict (strictly parsed)."""
+  return model_for_config(ModelConfig.from_hf_config(hf_config))
+
+
+def block_linears(config: ModelConfig) -> list[list[tuple[str, ...]]]:
+  """True-sequential groups of linear paths of one block (see `CausalLM.block_linears`)."""
+  return model_for_config(config).block_linears()
+
+
+def as_dtype(dtype) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                              jnp.dtype(jnp.float16)):
+    raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+  return dtype
+
+
+def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True):
+  """Loads a checkpoint into (model, params, tokenizer or None).
+
+  Args:
+    path_or_hub_id: a local HF directory (config.json + safetensors), a .gguf file, or a hub id
+      (downloaded with huggingface_hub; needs network).
+    dtype: parameter dtype, float32 / bfloat16 / float16 (or their names).
+    with_tokenizer: also build a `tokenizers.Tokenizer` (None when the checkpoint has none).
+  """
+  from cdquant_jax.models import gguf_loader, tokenizer  # pylint: disable=import-outside-toplevel
+  dtype = as_dtype(dtype)
+  if str(path_or_hub_id).endswith(".gguf"):
+    hf_config, state = gguf_loader.load_gguf(path_or_hub_id)
+    source = path_or_hub_id
+  else:
+    model_dir = hf_loader.resolve_model_dir(path_or_hub_id)
+    hf_config, state = hf_loader.read_config(model_dir), hf_loader.load_state_dict(model_dir)
+    source = model_dir
+  model = model_from_hf_config(hf_config)
+  params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
+  tok = None
+  if with_tokenizer:
+    tok = tokenizer.load_tokenizer(source) if tokenizer.has_tokenizer(source) else None
+  return model, params, tok

@@ -113,6 +113,7 @@ def sample_stream_windows(ids: np.ndarray, *, nsamples: int, seqlen: int, seed: 
     `randint(0, N - seqlen - 1)` of `random.Random(seed)`.
   """
   _check_seqlen(seqlen)
+  # [N] or [1, N] -> [N]
   stream = np.asarray(ids, dtype=np.int32).reshape(-1)
   if stream.size <= seqlen:
     raise ValueError(f"token stream has {stream.size} tokens; random windows need more than "
@@ -132,6 +133,7 @@ def c4_eval_ids(rows: Sequence[str], encode: Encode, *, seqlen: int,
     [1, n_windows * seqlen] int32.
   """
   windows = sample_document_windows(rows, encode, nsamples=n_windows, seqlen=seqlen, seed=0)
+  # [n_windows, seqlen] -> [1, n_windows * seqlen] (torch.hstack of the windows)
   return windows.reshape(1, -1)
 
 
@@ -144,11 +146,13 @@ def c4_new_eval_ids(rows: Sequence[str], encode: Encode, *, seqlen: int,
   """
   _check_seqlen(seqlen)
   ids = np.asarray(encode(" ".join(rows[:n_docs])), dtype=np.int32)
+  # [N] -> [1, min(N, n_windows * seqlen)]
   return ids[:n_windows * seqlen].reshape(1, -1)
 
 
 def joined_ids(rows: Sequence[str], encode: Encode, *, separator: str) -> np.ndarray:
   """`encode(separator.join(rows))` as [1, N] int32 (WikiText-2 / PTB eval)."""
+  # [N] -> [1, N]
   return np.asarray(encode(separator.join(rows)), dtype=np.int32).reshape(1, -1)
 
 

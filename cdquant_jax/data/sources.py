@@ -127,6 +127,7 @@ def evaluation_ids(source: str, tokenizer, *, seqlen: int = 2048, path=None,
     return protocol.joined_ids(_rows("ptb", "validation", path, field), encode, separator="\n\n")
   if name == "ptb-new":
     return protocol.joined_ids(_rows("ptb", "test", path, field), encode, separator=" ")
+  # [N] -> [1, N] for the single-document sources below.
   if name == "bundled":
     return encode(local.bundled_text("evaluation")).reshape(1, -1)
   if name in FILE_SOURCES:

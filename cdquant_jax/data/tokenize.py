@@ -59,6 +59,7 @@ class Encoder:
   def decode(self, ids) -> str:
     if self.decode_fn is None:
       raise TypeError(f"tokenizer {self.description} has no decode method")
+    # any shape -> flat list of Python ints
     return self.decode_fn([int(i) for i in np.asarray(ids).reshape(-1)])
 
 

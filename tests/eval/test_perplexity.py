@@ -74,7 +74,7 @@ def test_batch_size_invariance_and_fixed_batch_shape():
 def test_tail_is_dropped():
   ids = np.random.default_rng(3).integers(0, V, size=(1, 4 * SEQLEN + 5))
   fn, _, _, _ = make_logits_fn()
-  with_tail = perplexity(fn, ids, seqlen=SEQLEN)
+  with_tail = perplexity(fn, ids, seqlen=SEQLEN, progress=True)
   without = perplexity(fn, ids[:, :4 * SEQLEN], seqlen=SEQLEN)
   assert with_tail["n_windows"] == 4 and with_tail["dropped_tokens"] == 5
   assert with_tail["nll_sum"] == without["nll_sum"]

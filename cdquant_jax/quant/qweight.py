@@ -213,10 +213,9 @@ def dense_storage(qw: QuantizedWeight) -> jax.Array:
   """Dense part in storage layout, f32 [k_pad, N] (padded rows are exactly 0)."""
   meta = qw.meta
   codes = packing.unpack_codes(qw.codes, meta.bits).astype(jnp.float32)  # [k_pad, N]
-  group_of_row = np.arange(meta.k_pad) // meta.group_size  # static [k_pad]
-  scale = jnp.take(first_level_stat(qw, "scale"), group_of_row, axis=0)  # [k_pad, N]
-  zero = jnp.take(first_level_stat(qw, "zero"), group_of_row, axis=0)  # [k_pad, N]
-  return scale * (codes - zero)
+  # [n_groups_pad, N] -> [n_groups_pad·G, N] -> rows k < k_pad: row k takes group k // G
+  rows = lambda stat: jnp.repeat(stat, meta.group_size, axis=0)[:meta.k_pad]
+  return rows(first_level_stat(qw, "scale")) * (codes - rows(first_level_stat(qw, "zero")))
 
 
 def dense_weight(qw: QuantizedWeight) -> jax.Array:
@@ -343,6 +342,13 @@ def _outliers(Q: np.ndarray, dense: np.ndarray, mask: np.ndarray, method: str,
               outlier_col_idx=cols.astype(np.int32), outlier_values=values)
 
 
+@jax.jit
+def _dense_parts(qw: QuantizedWeight) -> tuple[dict[str, jax.Array], jax.Array]:
+  """({"scale", "zero"}: first-level stats [n_groups_pad, N], dense weight [d_out, d_in])."""
+  stats = {which: first_level_stat(qw, which) for which in ("scale", "zero")}
+  return stats, dense_weight(qw)
+
+
 def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = False,
                 qq_scale_bits: int | None = None, qq_zero_bits: int | None = None,
                 allow_lossy_outliers: bool = False) -> QuantizedWeight:
@@ -405,20 +411,23 @@ def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = Fa
   meta.validate()
   dense_qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
                              perm=None if perm is None else jnp.asarray(perm), meta=meta)
+  stats, dense = _dense_parts(dense_qw)
   for which, values in (("scale", grid.scale), ("zero", grid.zero)):
-    stored = np.asarray(first_level_stat(dense_qw, which))[:n_groups].T  # [d_out, n_groups]
+    stored = np.asarray(stats[which])[:n_groups].T  # [d_out, n_groups]
     bad = _first_mismatch(stored, np.asarray(values, np.float32))
     if bad.any():
       _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored,
                       np.asarray(values, np.float32))
-  dense = np.asarray(dense_weight(dense_qw))
+  dense = np.asarray(dense)
   mask = np.asarray(result.outlier_mask, bool)
   qw = dense_qw
   if mask.any():
     csr = _outliers(Q, dense, mask, method, allow_lossy_outliers)
     qw = dataclasses.replace(dense_qw, **{k: jnp.asarray(v) for k, v in csr.items()},
                              meta=dataclasses.replace(meta, nnz=int(mask.sum())))
-  W = np.asarray(dequantize(qw))
+  W = dense.copy()  # dequantize(qw) in numpy: dense + f32(outlier values), float32 adds
+  if qw.meta.nnz:
+    W[np.nonzero(mask)] += np.asarray(qw.outlier_values).astype(np.float32)
   bad = _first_mismatch(W, Q) & ~(mask if allow_lossy_outliers else False)
   if bad.any():
     _raise_mismatch(f"pack_result({method}): dequantized weight differs from result.Q", bad,

@@ -1,0 +1,209 @@
+"""SpQR+CD: the SpQR sweep, then coordinate descent on the full layer objective.
+
+After `spqr` (its grids and its outlier set are kept fixed) every round alternates
+  1. greedy CD (or BCD) over the non-outlier codes on the grid SpQR fitted; outliers are frozen
+     but enter the objective;
+  2. the closed-form re-solve of the outlier values: given every other weight of row r, the
+     outliers S_r are free continuous variables and the row objective eᵀ H e (e = w − q) is
+     minimised by
+         e_S = −(H_SS + λI)⁻¹ H_{S,S̄} e_S̄,   i.e.  q_S = w_S + (H_SS + λI)⁻¹ (H e_S̄)_S,
+     with λ = ridge · mean(diag H) (tiny; guards singular H_SS, e.g. dead columns). With
+     fp16_storage the values are then rounded to float16 (the stored format).
+Both steps are accepted row by row only where they lower the row objective (rows are independent
+for a fixed grid), so the objective never rises above SpQR's.
+
+The per-row outlier systems are padded to the largest outlier count K of the layer and solved in
+chunks of rows (`lax.map` with a batch size keeping chunk·K² bounded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from cdquant_jax._numerics import hdot, layer_objective, row_objectives
+from cdquant_jax.quant import grids
+from cdquant_jax.quant.grids import Grid
+from cdquant_jax.solvers import cd as cd_lib
+from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers.result import SolveResult
+from cdquant_jax.solvers.spqr import FP16_MAX, SpQRConfig, spqr
+
+# Upper bound on the elements of one chunk of padded outlier systems (chunk rows · K²).
+_SOLVE_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpQRCDConfig:
+  """SpQR followed by CD/BCD refinement of the codes and closed-form outlier values."""
+
+  # The SpQR sweep that fixes grids and outliers.
+  spqr: SpQRConfig = SpQRConfig()
+  # Code refinement: greedy single-coordinate CD or block CD.
+  refine: Literal["cd", "bcd"] = "cd"
+  # Alternations of (CD on the non-outliers) and (closed-form outlier re-solve); 0 = plain SpQR.
+  rounds: int = 2
+  # CD step budget per round = ceil(factor · d_in) greedy steps (rows stop at a 1-opt point).
+  max_steps_factor: float = 1.0
+  # Exact recomputation of the CD gradient every this many steps.
+  resync_every: int = 512
+  # Smallest compaction phase of the greedy loop (speed only).
+  min_phase_rows: int = 64
+  # Extra keyword arguments of `bcd.refine_bcd` (refine="bcd" only), as (name, value) pairs.
+  bcd_options: tuple[tuple[str, object], ...] = ()
+  # Relative ridge λ / mean(diag H) of the outlier solve.
+  ridge: float = 1e-6
+
+  def validate(self, d_out: int, d_in: int, layer: str = "?") -> None:
+    self.spqr.validate(d_out, d_in, layer)
+    bad = lambda msg: ValueError(f"layer {layer}: SpQRCDConfig.{msg}")
+    if self.refine not in ("cd", "bcd"):
+      raise bad(f"refine must be 'cd' or 'bcd', got {self.refine!r}")
+    if self.rounds < 0:
+      raise bad(f"rounds must be >= 0, got {self.rounds}")
+    if self.max_steps_factor <= 0:
+      raise bad(f"max_steps_factor must be positive, got {self.max_steps_factor}")
+    if self.resync_every <= 0:
+      raise bad(f"resync_every must be positive, got {self.resync_every}")
+    if not self.ridge >= 0:
+      raise bad(f"ridge must be >= 0, got {self.ridge}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form outlier values.
+
+
+def _solve_rows(H, idx, valid, rhs, lam):
+  """e_S for a chunk of rows: idx/valid/rhs [rows, K] -> [rows, K] (0 on padding)."""
+  # [rows, K] index pairs -> [rows, K, K] principal submatrices H_SS.
+  Hs = H[idx[:, :, None], idx[:, None, :]]
+  pair = valid[:, :, None] & valid[:, None, :]
+  eye = jnp.eye(idx.shape[1], dtype=H.dtype)
+  Hs = jnp.where(pair, Hs, 0.0) + eye * jnp.where(valid, lam, 1.0)[:, None, :]
+  b = jnp.where(valid, rhs, 0.0)
+  return -jnp.linalg.solve(Hs, b[..., None])[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "fp16"))
+def _resolve_outliers(W, H, Q, mask, lam, *, k: int, fp16: bool):
+  """Optimal outlier values given the other weights, for every row (see module docstring).
+
+  Args:
+    W: [d_out, d_in] target weights; H: [d_in, d_in] undamped Hessian.
+    Q: [d_out, d_in] current weights; mask: [d_out, d_in] outliers (at most k per row).
+    lam: absolute ridge.
+    k: largest outlier count of a row (static padding).
+    fp16: round the new values to float16.
+  Returns:
+    [d_out, d_in] Q with the outliers replaced.
+  """
+  d_out = W.shape[0]
+  # (H e_S̄) per row, with e_S̄ the error on the non-outliers: [d_out, d_in].
+  R = hdot(jnp.where(mask, 0.0, W - Q), H)
+  # Each row's outlier columns first: [d_out, k].
+  idx = jnp.argsort(~mask, axis=1, stable=True)[:, :k].astype(jnp.int32)
+  valid = jnp.take_along_axis(mask, idx, axis=1)
+  rhs = jnp.take_along_axis(R, idx, axis=1)
+  chunk = max(1, min(d_out, _SOLVE_CHUNK_ELEMENTS // max(k * k, 1)))
+  n_chunks = -(-d_out // chunk)
+  pad = n_chunks * chunk - d_out
+  # [d_out, k] -> [n_chunks, chunk, k] (padded rows are invalid)
+  split = lambda x, v: jnp.pad(x, ((0, pad), (0, 0)), constant_values=v).reshape(n_chunks,
+                                                                                 chunk, k)
+  e_S = jax.lax.map(lambda a: _solve_rows(H, *a, lam),
+                    (split(idx, 0), split(valid, False), split(rhs, 0.0)))
+  # [n_chunks, chunk, k] -> [d_out, k]
+  e_S = e_S.reshape(-1, k)[:d_out]
+  q_S = jnp.take_along_axis(W, idx, axis=1) - e_S
+  if fp16:
+    q_S = jnp.clip(q_S, -FP16_MAX, FP16_MAX).astype(jnp.float16).astype(q_S.dtype)
+  q_S = jnp.where(valid, q_S, jnp.take_along_axis(Q, idx, axis=1))
+  rows = jnp.arange(d_out)[:, None]
+  return Q.at[rows, idx].set(q_S)
+
+
+def resolve_outliers(W, H, Q, mask, *, ridge: float = 1e-6, fp16: bool = False) -> jax.Array:
+  """Closed-form outlier values (no acceptance test). W, H, Q, mask as in `_resolve_outliers`."""
+  k = int(jnp.max(jnp.sum(mask, axis=1)))
+  if k == 0:
+    return Q
+  lam = ridge * jnp.mean(jnp.diag(H))
+  return _resolve_outliers(W, H, Q, mask, lam, k=k, fp16=fp16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver.
+
+
+@jax.jit
+def _accept_rows(W, H, Q_old, Q_new):
+  """Keeps Q_new in the rows where it strictly lowers the row objective. Returns (Q, #accepted)."""
+  better = row_objectives(W, Q_new, H) < row_objectives(W, Q_old, H)
+  return jnp.where(better[:, None], Q_new, Q_old), jnp.sum(better)
+
+
+def _refine_codes(W, H, Q, grid: Grid, mask, cfg: SpQRCDConfig):
+  """One CD/BCD pass over the non-outlier codes. Returns (Q, steps [d_out])."""
+  max_steps = max(1, math.ceil(cfg.max_steps_factor * W.shape[1]))
+  if cfg.refine == "cd":
+    Q, diag = cd_lib.refine_greedy(W, H, Q, grid, max_steps=max_steps,
+                                   resync_every=cfg.resync_every, frozen=mask,
+                                   min_phase_rows=cfg.min_phase_rows)
+  else:
+    from cdquant_jax.solvers import bcd as bcd_lib  # optional module, imported on use
+    Q, diag = bcd_lib.refine_bcd(W, H, Q, grid, frozen=mask, **dict(cfg.bcd_options))
+  steps = diag.get("steps", jnp.zeros((W.shape[0],), jnp.int32))
+  return Q, steps
+
+
+def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> SolveResult:
+  """SpQR, then `rounds` × (CD on the non-outliers, closed-form outlier re-solve).
+
+  Args:
+    W: [d_out, d_in] weights; H: [d_in, d_in] undamped Hessian.
+    cfg: config; cfg.spqr as for `spqr`.
+    layer: name used in errors.
+  Returns:
+    SolveResult with SpQR's grid, perm, outlier mask and extras; Q and codes refined.
+    Diagnostics: SpQR's, plus "spqr_objective", "objective_trace" [2·rounds + 1] (after SpQR,
+    then after each half-round), "cd_steps" [d_out] (moves per row, all rounds),
+    "accepted_cd_rows" and "accepted_outlier_rows" [rounds].
+  """
+  hessian.check_layer_problem(W, H, layer=layer)
+  d_out, d_in = jnp.shape(W)
+  cfg.validate(d_out, d_in, layer)
+  base = spqr(W, H, cfg.spqr, layer=layer)
+  dtype = base.Q.dtype
+  W, H = jnp.asarray(W, dtype), jnp.asarray(H, dtype)
+  # CD works on W with dead columns zeroed (where H is zero, so the objective is unchanged).
+  Wt = jnp.where(hessian.dead_columns(H)[None, :], 0.0, W)
+  mask, grid = base.outlier_mask, base.grid
+  lam_rel = cfg.ridge
+  Q, trace = base.Q, [base.objective]
+  steps = jnp.zeros((d_out,), jnp.int32)
+  acc_cd, acc_out = [], []
+  for _ in range(cfg.rounds):
+    Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, cfg)
+    Q, n = _accept_rows(W, H, Q, Q_cd)
+    steps, acc_cd = steps + s.astype(jnp.int32), acc_cd + [n]
+    trace.append(layer_objective(W, Q, H))
+    Q_out = resolve_outliers(W, H, Q, mask, ridge=lam_rel, fp16=cfg.spqr.fp16_storage)
+    Q, n = _accept_rows(W, H, Q, Q_out)
+    acc_out.append(n)
+    trace.append(layer_objective(W, Q, H))
+  codes = grids.quantize(Q, grid)
+  diagnostics = {
+      **base.diagnostics,
+      "spqr_objective": base.objective,
+      "objective_trace": jnp.stack(trace),
+      "cd_steps": steps,
+      "accepted_cd_rows": jnp.asarray(acc_cd, jnp.int32),
+      "accepted_outlier_rows": jnp.asarray(acc_out, jnp.int32),
+  }
+  return base.replace(Q=Q, codes=codes, objective=layer_objective(W, Q, H),
+                      diagnostics=diagnostics)

@@ -1,0 +1,94 @@
+"""SpQR+CD: monotone improvement over SpQR, fixed grids/outliers, closed-form outlier values."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdquant_jax.quant.grids import dequantize
+from cdquant_jax.solvers.spqr import SpQRConfig, spqr
+from cdquant_jax.solvers.spqr_cd import SpQRCDConfig, resolve_outliers, spqr_cd
+from tests.fixtures.layer_problems import layer_problem
+
+
+def _numpy_optimal_outliers(W, H, Q, mask):
+  """Per row: argmin over q_S of (w − q)ᵀ H (w − q) with the other coordinates fixed (float64)."""
+  Q = np.array(Q, np.float64)
+  for r in range(W.shape[0]):
+    S = np.flatnonzero(mask[r])
+    if S.size == 0:
+      continue
+    rest = np.flatnonzero(~mask[r])
+    e_rest = W[r, rest] - Q[r, rest]
+    # Normal equations of the quadratic in e_S: H_SS e_S = −H_S,rest e_rest.
+    e_S = np.linalg.solve(H[np.ix_(S, S)], -H[np.ix_(S, rest)] @ e_rest)
+    Q[r, S] = W[r, S] - e_S
+  return Q
+
+
+def test_outlier_resolve_matches_numpy_normal_equations(x64, rng):
+  W, H = layer_problem(rng, 16, 48)
+  Q = W + 0.01 * rng.normal(size=W.shape)
+  mask = rng.random(W.shape) < 0.08
+  mask[3] = False  # a row without outliers stays untouched
+  mask[5, :6] = True  # a row with many
+  ours = np.asarray(resolve_outliers(jnp.asarray(W), jnp.asarray(H), jnp.asarray(Q),
+                                     jnp.asarray(mask), ridge=0.0))
+  want = _numpy_optimal_outliers(W, H, Q, mask)
+  np.testing.assert_allclose(ours, want, rtol=1e-8, atol=1e-10)
+  np.testing.assert_array_equal(ours[~mask], Q[~mask])
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_spqr_cd_never_worse_keeps_grid_and_outliers(rng, fp16):
+  W, H = layer_problem(rng, 32, 128, dead=2)
+  scfg = SpQRConfig(fp16_storage=fp16, permutation_order="identity" if fp16 else "act_order")
+  base = spqr(W, H, scfg)
+  res = spqr_cd(W, H, SpQRCDConfig(spqr=scfg, rounds=2))
+  trace = np.asarray(res.diagnostics["objective_trace"])
+  assert trace.shape == (5,)
+  assert np.all(np.diff(trace) <= 0)
+  assert float(res.objective) <= float(base.objective)
+  assert float(res.objective) < 0.95 * float(base.objective)  # CD does find improvements
+  np.testing.assert_array_equal(np.asarray(res.outlier_mask), np.asarray(base.outlier_mask))
+  np.testing.assert_array_equal(np.asarray(res.grid.scale), np.asarray(base.grid.scale))
+  np.testing.assert_array_equal(np.asarray(res.perm), np.asarray(base.perm))
+  for k in base.extras:
+    np.testing.assert_array_equal(np.asarray(res.extras[k]), np.asarray(base.extras[k]))
+  Q, mask = np.asarray(res.Q), np.asarray(res.outlier_mask)
+  assert mask.any()
+  np.testing.assert_array_equal(Q[~mask], np.asarray(dequantize(res.codes, res.grid))[~mask])
+  if fp16:
+    np.testing.assert_array_equal(Q[mask], Q[mask].astype(np.float16).astype(np.float32))
+  else:
+    # The run ends with the outlier re-solve: outliers are stationary, (Q − W) H ≈ 0 there.
+    G = (Q - W) @ H
+    assert np.max(np.abs(G[mask])) < 1e-3 * np.max(np.abs(G[~mask]))
+
+
+def test_zero_rounds_is_spqr_and_no_outliers_case(rng):
+  W, H = layer_problem(rng, 16, 64)
+  scfg = SpQRConfig(outlier_threshold=math.inf, groupsize=32)
+  base = spqr(W, H, scfg)
+  same = spqr_cd(W, H, SpQRCDConfig(spqr=scfg, rounds=0))
+  np.testing.assert_array_equal(np.asarray(same.Q), np.asarray(base.Q))
+  res = spqr_cd(W, H, SpQRCDConfig(spqr=scfg, rounds=1))
+  assert float(res.objective) <= float(base.objective)
+  assert not np.asarray(res.outlier_mask).any()
+
+
+def test_bcd_refinement_is_monotone(rng):
+  pytest.importorskip("cdquant_jax.solvers.bcd")
+  W, H = layer_problem(rng, 16, 64)
+  scfg = SpQRConfig(groupsize=32)
+  base = spqr(W, H, scfg)
+  res = spqr_cd(W, H, SpQRCDConfig(spqr=scfg, refine="bcd", rounds=1))
+  assert float(res.objective) <= float(base.objective)
+  np.testing.assert_array_equal(np.asarray(res.outlier_mask), np.asarray(base.outlier_mask))
+
+
+def test_bad_config_raises(rng):
+  W, H = layer_problem(rng, 16, 64)
+  with pytest.raises(ValueError, match="layer fc1: SpQRCDConfig.rounds"):
+    spqr_cd(W, H, SpQRCDConfig(rounds=-1), layer="fc1")

@@ -189,6 +189,7 @@ def _opt(f: _Fields) -> dict[str, Any]:
   bias = bool(f.get("enable_bias", default=True))
   f.expect("layer_norm_elementwise_affine", (True,))
   pre_norm = bool(f.get("do_layer_norm_before", default=True))
+  remove_final_norm = bool(f.get("_remove_final_layer_norm", default=False))
   proj = f.get("word_embed_proj_dim", default=hidden)
   return dict(
       family="opt", model_type="opt", vocab_size=f.get("vocab_size"), hidden_size=hidden,
@@ -200,7 +201,7 @@ def _opt(f: _Fields) -> dict[str, Any]:
       tie_word_embeddings=bool(f.get("tie_word_embeddings", default=True)),
       learned_positions=True, position_offset=2, layer_types=(FULL,) * n,
       query_scale=(hidden // heads)**-0.5, pre_norm=pre_norm,
-      final_norm=pre_norm and not f.get("_remove_final_layer_norm", default=False),
+      final_norm=pre_norm and not remove_final_norm,
       word_embed_proj_dim=proj if proj != hidden else None, **_token_ids(f))
 
 

@@ -187,7 +187,8 @@ def minmax_params(x: jax.Array, cfg: GridConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def _shrink_factors(grid: int, max_shrink: float) -> jax.Array:
-  return 1.0 - jnp.arange(int(max_shrink * grid), dtype=jnp.float32) / grid
+  """Candidate range multipliers p = 1 − i/grid, i < max_shrink·grid (GPTQ's loop)."""
+  return 1.0 - jnp.arange(int(max_shrink * grid)) / grid
 
 
 def _search(x: jax.Array, cfg: GridConfig, shrinks: jax.Array, error_fn):
@@ -204,7 +205,7 @@ def _search(x: jax.Array, cfg: GridConfig, shrinks: jax.Array, error_fn):
             jnp.where(better, z1, zero)), None
 
   init = (jnp.full(scale0.shape, jnp.inf, x.dtype), scale0, zero0)
-  (_, scale, zero), _ = jax.lax.scan(body, init, shrinks)
+  (_, scale, zero), _ = jax.lax.scan(body, init, shrinks.astype(x.dtype))
   return scale, zero
 
 

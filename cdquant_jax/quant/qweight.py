@@ -349,6 +349,27 @@ def _dense_parts(qw: QuantizedWeight) -> tuple[dict[str, jax.Array], jax.Array]:
   return stats, dense_weight(qw)
 
 
+def _stat_fields(grid, extras: dict, qq_bits: dict, d_out: int, n_groups_pad: int):
+  """(array fields, {"scale"/"zero": format}, qq_dtype) of the first- and second-level stats."""
+  n_groups = int(grid.scale.shape[1])
+  qq = _extra_int(extras, "qq_groupsize", 0)
+  fields, formats = {}, {}
+  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
+    if f"{which}_codes" not in extras:
+      formats[which], fields[which] = _float_stat(np.asarray(values, np.float32), n_groups_pad)
+      continue
+    if not qq_bits[which] or not qq or d_out % qq:
+      raise ValueError(f"{which}: second-level codes need qq_{which}_bits (got "
+                       f"{qq_bits[which]}) and a qq_groupsize dividing d_out={d_out} (got {qq})")
+    formats[which] = "qq"
+    fields.update(_qq_stat(extras, which, qq_bits[which], d_out, n_groups, n_groups_pad, qq))
+  qq_fields = [k for k in QQ_FIELDS if k in fields]
+  qq_dtype = "f16" if all(_fits_f16(fields[k]) for k in qq_fields) else "f32"
+  if qq_dtype == "f16":
+    fields.update({k: fields[k].astype(np.float16) for k in qq_fields})
+  return fields, formats, qq_dtype
+
+
 def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = False,
                 qq_scale_bits: int | None = None, qq_zero_bits: int | None = None,
                 allow_lossy_outliers: bool = False) -> QuantizedWeight:
@@ -357,8 +378,8 @@ def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = Fa
   Args:
     result: the solver's SolveResult. SpQR results carry extras "scale_codes"/"zero_codes"
       ([d_out, n_groups] int32; absent for an unquantized level), "{scale,zero}_qq_{scale,
-      zero}" ([d_out / qq, n_groups] f32 holding float16 values), "qq_groupsize" and
-      optionally "qq_scale_bits"/"qq_zero_bits" (else given here).
+      zero}" ([d_out / qq, n_groups] f32; stored as float16 when all are representable, else
+      float32), "qq_groupsize" and optionally "qq_scale_bits"/"qq_zero_bits" (else given here).
     method: name recorded in the metadata.
     sym, round_zero: recorded in the metadata (round_zero changes the paper's bits formula).
     qq_scale_bits, qq_zero_bits: second-level code widths when the extras lack them.
@@ -370,66 +391,52 @@ def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = Fa
   Q = np.asarray(result.Q, np.float32)
   codes = np.asarray(result.codes)
   d_out, d_in = Q.shape
-  grid, extras, bits = result.grid, dict(result.extras), result.bits
+  grid, extras = result.grid, dict(result.extras)
   if codes.shape != Q.shape:
     raise ValueError(f"codes shape {codes.shape} != Q shape {Q.shape}")
   if codes.min() < 0 or codes.max() > grid.maxq:
     raise ValueError(f"codes outside [0, {grid.maxq}]: [{codes.min()}, {codes.max()}]")
   n_groups = int(grid.scale.shape[1])
   G, perm = storage_order(np.asarray(grid.group_index), n_groups)
+  if _extra_int(extras, "groupsize", G) != G:
+    raise ValueError(f"extras[groupsize]={_extra_int(extras, 'groupsize', G)} but the grid's "
+                     f"groups have {G} columns")
   k_pad = packing.padded_rows(d_in)
   n_groups_pad = -(-k_pad // G)
   order = np.arange(d_in) if perm is None else perm
-  fields = dict(codes=packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), bits))
-  qq = _extra_int(extras, "qq_groupsize", 0)
   qq_bits = dict(scale=_extra_int(extras, "qq_scale_bits", qq_scale_bits),
                  zero=_extra_int(extras, "qq_zero_bits", qq_zero_bits))
-  formats = {}
-  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
-    if f"{which}_codes" in extras:
-      if not qq_bits[which] or not qq or d_out % qq:
-        raise ValueError(f"{which}: second-level codes need qq_{which}_bits (got "
-                         f"{qq_bits[which]}) and a qq_groupsize dividing d_out={d_out} (got {qq})")
-      formats[which] = "qq"
-      fields.update(_qq_stat(extras, which, qq_bits[which], d_out, n_groups, n_groups_pad, qq))
-    else:
-      formats[which], fields[which] = _float_stat(np.asarray(values, np.float32), n_groups_pad)
+  fields, formats, qq_dtype = _stat_fields(grid, extras, qq_bits, d_out, n_groups_pad)
+  fields["codes"] = packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), result.bits)
   has_qq = "qq" in formats.values()
-  qq_arrays = [fields[k] for k in QQ_FIELDS if k in fields]
-  qq_dtype = "f16" if all(_fits_f16(a) for a in qq_arrays) else "f32"
-  for k in QQ_FIELDS:
-    if k in fields and qq_dtype == "f16":
-      fields[k] = fields[k].astype(np.float16)
-  meta = QuantMeta(method=method, bits=bits, group_size=G, flavor=grid.flavor.value, sym=sym,
-                   d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
+  meta = QuantMeta(method=method, bits=result.bits, group_size=G, flavor=grid.flavor.value,
+                   sym=sym, d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
                    n_groups_pad=n_groups_pad, scale_format=formats["scale"],
-                   zero_format=formats["zero"], qq_groupsize=qq if has_qq else 0,
-                   qq_scale_bits=(qq_bits["scale"] or 0) if formats["scale"] == "qq" else 0,
-                   qq_zero_bits=(qq_bits["zero"] or 0) if formats["zero"] == "qq" else 0,
-                   qq_dtype=qq_dtype,
-                   round_zero=round_zero, has_perm=perm is not None)
+                   zero_format=formats["zero"],
+                   qq_groupsize=_extra_int(extras, "qq_groupsize", 0) if has_qq else 0,
+                   qq_scale_bits=qq_bits["scale"] if formats["scale"] == "qq" else 0,
+                   qq_zero_bits=qq_bits["zero"] if formats["zero"] == "qq" else 0,
+                   qq_dtype=qq_dtype, round_zero=round_zero, has_perm=perm is not None)
   meta.validate()
-  dense_qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
-                             perm=None if perm is None else jnp.asarray(perm), meta=meta)
-  stats, dense = _dense_parts(dense_qw)
+  qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
+                       perm=None if perm is None else jnp.asarray(perm), meta=meta)
+  stats, dense = _dense_parts(qw)
   for which, values in (("scale", grid.scale), ("zero", grid.zero)):
     stored = np.asarray(stats[which])[:n_groups].T  # [d_out, n_groups]
-    bad = _first_mismatch(stored, np.asarray(values, np.float32))
+    values = np.asarray(values, np.float32)
+    bad = _first_mismatch(stored, values)
     if bad.any():
-      _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored,
-                      np.asarray(values, np.float32))
-  dense = np.asarray(dense)
+      _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored, values)
+  W = np.array(dense)  # becomes dequantize(qw) in numpy: dense + f32(outlier values)
   mask = np.asarray(result.outlier_mask, bool)
-  qw = dense_qw
   if mask.any():
-    csr = _outliers(Q, dense, mask, method, allow_lossy_outliers)
-    qw = dataclasses.replace(dense_qw, **{k: jnp.asarray(v) for k, v in csr.items()},
+    csr = _outliers(Q, W, mask, method, allow_lossy_outliers)
+    qw = dataclasses.replace(qw, **{k: jnp.asarray(v) for k, v in csr.items()},
                              meta=dataclasses.replace(meta, nnz=int(mask.sum())))
-  W = dense.copy()  # dequantize(qw) in numpy: dense + f32(outlier values), float32 adds
-  if qw.meta.nnz:
-    W[np.nonzero(mask)] += np.asarray(qw.outlier_values).astype(np.float32)
-  bad = _first_mismatch(W, Q) & ~(mask if allow_lossy_outliers else False)
+    W[np.nonzero(mask)] += csr["outlier_values"].astype(np.float32)
+  bad = _first_mismatch(W, Q)
+  if allow_lossy_outliers:
+    bad &= ~mask
   if bad.any():
-    _raise_mismatch(f"pack_result({method}): dequantized weight differs from result.Q", bad,
-                    W, Q)
+    _raise_mismatch(f"pack_result({method}): dequantized weight differs from result.Q", bad, W, Q)
   return qw

@@ -42,6 +42,9 @@ Dequantization (all f32; this exact order of operations is what makes the round 
   W[n, perm[k]]   = dense[k, n];   then  W[n, col] += f32(value) for each outlier of row n.
 Both flavours dequantize as s · (q − z) (zeros in code units; GPTQ zeros are integers).
 A kernel computes y[b, n] = Σ_k x[b, perm[k]] · dense[k, n] + Σ_j x[b, col_j] · value_j.
+3-bit planes in Pallas: pass `codes` three times with BlockSpec((None, bk/32, bn),
+lambda j: (w, 0, j)) for w = 0, 1, 2 (squeezed plane axis, power-of-2 blocks) and decode slot v
+as in environment.md 3.3(c); checked to lower for Triton (cuda) and to be exact in interpret mode.
 """
 
 from __future__ import annotations

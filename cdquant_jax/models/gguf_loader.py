@@ -117,9 +117,13 @@ def dequantized(tensor) -> np.ndarray:
   return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(HF config dict, {HF tensor name: float32 array}) of a GGUF file."""
-  reader = open_reader(path)
+def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(HF config dict, {HF tensor name: float32 array}) of a GGUF file.
+
+  `reader`: an already open `gguf.GGUFReader` of path (opening one parses the whole metadata,
+  several seconds for a 49k-token vocabulary).
+  """
+  reader = reader or open_reader(path)
   meta = read_metadata(reader)
   # numpy-order shapes ([d_out, d_in]); GGUF lists dimensions innermost first.
   shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}

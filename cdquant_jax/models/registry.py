@@ -55,16 +55,17 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
   """
   from cdquant_jax.models import gguf_loader, tokenizer  # pylint: disable=import-outside-toplevel
   dtype = as_dtype(dtype)
+  reader = None
   if str(path_or_hub_id).endswith(".gguf"):
-    hf_config, state = gguf_loader.load_gguf(path_or_hub_id)
-    source = path_or_hub_id
+    source = str(path_or_hub_id)
+    reader = gguf_loader.open_reader(source)
+    hf_config, state = gguf_loader.load_gguf(source, reader)
   else:
-    model_dir = hf_loader.resolve_model_dir(path_or_hub_id)
-    hf_config, state = hf_loader.read_config(model_dir), hf_loader.load_state_dict(model_dir)
-    source = model_dir
+    source = hf_loader.resolve_model_dir(str(path_or_hub_id))
+    hf_config, state = hf_loader.read_config(source), hf_loader.load_state_dict(source)
   model = model_from_hf_config(hf_config)
   params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   tok = None
-  if with_tokenizer:
-    tok = tokenizer.load_tokenizer(source) if tokenizer.has_tokenizer(source) else None
+  if with_tokenizer and tokenizer.has_tokenizer(source, reader):
+    tok = tokenizer.load_tokenizer(source, reader)
   return model, params, tok

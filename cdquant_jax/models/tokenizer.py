@@ -22,27 +22,31 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLA
            "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 
 
-def has_tokenizer(path: str) -> bool:
+def has_tokenizer(path: str, reader=None) -> bool:
+  """Whether the HF directory has tokenizer.json / the GGUF file has tokenizer metadata."""
   if path.endswith(".gguf"):
     from cdquant_jax.models import gguf_loader  # pylint: disable=import-outside-toplevel
-    return "tokenizer.ggml.tokens" in gguf_loader.open_reader(path).fields
+    return "tokenizer.ggml.tokens" in (reader or gguf_loader.open_reader(path)).fields
   return os.path.exists(os.path.join(path, TOKENIZER_JSON))
 
 
-def load_tokenizer(path: str):
-  """A `tokenizers.Tokenizer` from a HF model directory or a .gguf file."""
+def load_tokenizer(path: str, reader=None):
+  """A `tokenizers.Tokenizer` from a HF model directory or a .gguf file.
+
+  `reader`: optional open `gguf.GGUFReader` of a .gguf path (saves re-parsing the metadata).
+  """
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
   if path.endswith(".gguf"):
-    return tokenizer_from_gguf(path)
+    return tokenizer_from_gguf(path, reader)
   file = os.path.join(path, TOKENIZER_JSON)
   if not os.path.exists(file):
     raise FileNotFoundError(f"{file}: missing tokenizer.json")
   return Tokenizer.from_file(file)
 
 
-def tokenizer_from_gguf(path: str):
+def tokenizer_from_gguf(path: str, reader=None):
   from cdquant_jax.models import gguf_loader  # pylint: disable=import-outside-toplevel
-  reader = gguf_loader.open_reader(path)
+  reader = reader or gguf_loader.open_reader(path)
   fields = reader.fields
 
   def get(key, default=None):

@@ -131,22 +131,34 @@ def group_stats(Wg: jax.Array, cfg: StatsConfig) -> GroupStats:
   return GroupStats(scale, zero, scale_codes, zero_codes, s_s2, s_z2, z_s2, z_z2)
 
 
-def _leave_one_out_index(g: int) -> jax.Array:
-  """[g, g − 1] int32: row j lists the columns 0..g−1 without j."""
-  k = jnp.arange(g - 1, dtype=jnp.int32)
-  j = jnp.arange(g, dtype=jnp.int32)[:, None]
-  return k[None, :] + (k[None, :] >= j).astype(jnp.int32)
+def _leave_one_out_ranges(Wg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Min-max ranges of every leave-one-out subset of each row, without forming the subsets.
 
+  Leaving out weight j changes the row's range only when j is the (first) argmin or argmax, so
+  there are three candidate ranges per row: all weights, without the argmin, without the argmax.
 
-def _weighted_sq_error(x: jax.Array, u: jax.Array, cfg: GridConfig) -> jax.Array:
-  """Σ_k ((Q(x_k) − x_k) / u_k)² over the last axis, Q = a plain min-max fit on that axis."""
-  scale, zero = minmax_params(x, cfg)
-  xq = fake_quantize(x, scale[..., None], zero[..., None], cfg.maxq, cfg.flavor)
-  return jnp.sum(jnp.square((xq - x) / u), axis=-1)
+  Args:
+    Wg: [d_out, g] group weights.
+  Returns:
+    (lo, hi) [d_out, 3] ranges of (all, without argmin, without argmax), and the argmin and
+    argmax columns [d_out].
+  """
+  g = Wg.shape[1]
+  cols = jnp.arange(g)[None, :]
+  i_min, i_max = jnp.argmin(Wg, axis=1), jnp.argmax(Wg, axis=1)
+  xmin, xmax = jnp.min(Wg, axis=1), jnp.max(Wg, axis=1)
+  min_wo = jnp.min(jnp.where(cols == i_min[:, None], jnp.inf, Wg), axis=1)
+  max_wo = jnp.max(jnp.where(cols == i_max[:, None], -jnp.inf, Wg), axis=1)
+  lo = jnp.stack([xmin, min_wo, xmin], axis=1)
+  hi = jnp.stack([xmax, xmax, max_wo], axis=1)
+  return lo, hi, i_min, i_max
 
 
 def leave_one_out_reduction(Wg: jax.Array, u: jax.Array, cfg: StatsConfig) -> jax.Array:
   """Reduction of the group's diag-weighted error from leaving each weight out of the fit.
+
+  Same values as fitting a plain min-max quantizer on each of the g leave-one-out subsets
+  (the reference's [d_out, g, g − 1] gather), computed from the three distinct ranges.
 
   Args:
     Wg: [d_out, g] group weights.
@@ -157,11 +169,21 @@ def leave_one_out_reduction(Wg: jax.Array, u: jax.Array, cfg: StatsConfig) -> ja
   """
   g = Wg.shape[1]
   plain = cfg.plain()
-  idx = _leave_one_out_index(g)
-  # [d_out, g] -> [d_out, g (left out), g − 1 (kept)]
-  loo_w = Wg[:, idx]
-  loo_err = _weighted_sq_error(loo_w, u[idx], plain)
-  base_err = _weighted_sq_error(Wg, u, plain)
+  lo, hi, i_min, i_max = _leave_one_out_ranges(Wg)
+  # [d_out, 3] ranges -> [d_out, 3, 2] so that the min-max fit sees exactly (lo, hi).
+  scale, zero = minmax_params(jnp.stack([lo, hi], axis=-1), plain)
+  # Squared scaled errors of every weight under each candidate fit: [d_out, 3, g].
+  xq = fake_quantize(Wg[:, None, :], scale[..., None], zero[..., None], plain.maxq,
+                     plain.flavor)
+  err = jnp.square((xq - Wg[:, None, :]) / u)
+  cols = jnp.arange(g)
+  # Fit used when leaving out j: [d_out, g] in {0, 1, 2}.
+  which = jnp.where(cols[None, :] == i_min[:, None], 1,
+                    jnp.where(cols[None, :] == i_max[:, None], 2, 0))
+  # [d_out, 3, g] -> [d_out, g (left out j), g (k)] errors under fit(j), k == j excluded.
+  err_j = jnp.take_along_axis(err, which[:, :, None], axis=1)
+  loo_err = jnp.sum(jnp.where(cols[:, None] == cols[None, :], 0.0, err_j), axis=-1)
+  base_err = jnp.sum(err[:, 0, :], axis=-1)
   return base_err[:, None] - loo_err
 
 

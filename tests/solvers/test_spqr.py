@@ -2,27 +2,28 @@
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cdquant_jax._numerics import layer_objective
 from cdquant_jax.quant.grids import dequantize
 from cdquant_jax.solvers.spqr import SpQRConfig, spqr
+from cdquant_jax.solvers.spqr_stats import StatsConfig, leave_one_out_reduction
 from tests.fixtures.layer_problems import layer_problem
-from tests.solvers.oracles.spqr_numpy import spqr_reference
+from tests.solvers.oracles import spqr_numpy as oracle
 
 ORACLE_CASES = {
     "default": dict(),
-    "identity": dict(permutation_order="identity"),
-    "simplified": dict(simplified_outliers=True, percdamp=0.01),
-    "no_outliers": dict(outlier_threshold=math.inf),
-    "round_zero_b3": dict(round_zero=True),  # qq_zero_bits == bits: zeros stay unquantized
-    "round_zero_b4": dict(round_zero=True, bits=4),
+    "identity_simplified": dict(permutation_order="identity", simplified_outliers=True,
+                                percdamp=0.01),
+    "no_outliers_sym_qq_zero_sym": dict(outlier_threshold=math.inf, sym=True, qq_zero_sym=True),
     "sym": dict(sym=True, qq_zero_bits=None),
-    "sym_qq_zero_sym": dict(sym=True, qq_zero_sym=True),
-    "unquantized_stats": dict(qq_scale_bits=None, qq_zero_bits=None, bits=2),
+    # round_zero: zeros get a second level only when qq_zero_bits < bits.
+    "round_zero_b4": dict(round_zero=True, bits=4),
+    "round_zero_unquantized_stats": dict(round_zero=True, bits=2, qq_scale_bits=None),
     "group_spans_blocks": dict(groupsize=32, blocksize=16, qq_scale_bits=2),
-    "small_blocks": dict(blocksize=32, outlier_threshold=0.05),
+    "small_blocks_low_tau": dict(blocksize=32, outlier_threshold=0.05),
 }
 
 
@@ -43,12 +44,26 @@ def _compare(ours, ref, W, H):
     np.testing.assert_allclose(np.asarray(ours.extras[f"{name}_qq_scale"]), s2, rtol=1e-9)
 
 
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False)])
+def test_leave_one_out_screen_matches_oracle(x64, rng, bits, sym):
+  Wg = rng.normal(size=(32, 16))
+  Wg[0] = 0.5  # constant row
+  Wg[1, :3] = Wg[1].min()  # tied minimum
+  Wg[2, 5] = Wg[2].max()  # tied maximum
+  u = rng.random(16) + 0.5
+  cfg = StatsConfig(bits=bits, sym=sym, round_zero=False, qq_scale_bits=None, qq_zero_bits=None,
+                    qq_groupsize=16, qq_zero_sym=False, fp16_storage=False)
+  ours = leave_one_out_reduction(jnp.asarray(Wg), jnp.asarray(u), cfg)
+  np.testing.assert_allclose(np.asarray(ours), oracle.leave_one_out_reduction(Wg, u, bits, sym),
+                             rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", list(ORACLE_CASES))
 def test_matches_float64_oracle(x64, rng, case):
   kw = ORACLE_CASES[case]
   W, H = layer_problem(rng, 32, 64)
   ours = spqr(W, H, SpQRConfig(fp16_storage=False, **kw))
-  ref = spqr_reference(W, H, fp16_storage=False, **kw)
+  ref = oracle.spqr_reference(W, H, fp16_storage=False, **kw)
   _compare(ours, ref, W, H)
   if "outlier_threshold" not in kw:
     assert ref["mask"].any(), "the case should exercise outliers"
@@ -59,7 +74,7 @@ def test_matches_oracle_with_padding_dead_columns_and_fp16_storage(x64, rng):
   W, H = layer_problem(rng, 32, 96, dead=3)
   for kw in (dict(blocksize=64, groupsize=-1), dict(blocksize=64, groupsize=16)):
     ours = spqr(W, H, SpQRConfig(fp16_storage=True, **kw))
-    ref = spqr_reference(W, H, fp16_storage=True, **kw)
+    ref = oracle.spqr_reference(W, H, fp16_storage=True, **kw)
     _compare(ours, ref, W, H)
 
 

@@ -1,0 +1,32 @@
+"""The `cdquant` command: `layer` (one layer problem), `demo` (the offline main job)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cdquant_jax.cli import demo, layer
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="cdquant", description=__doc__)
+  parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+  sub = parser.add_subparsers(dest="command", required=True)
+  layer.add_arguments(sub.add_parser("layer", help="quantize one layer problem (W, H) npz"))
+  demo.add_arguments(sub.add_parser("demo", help="offline main job on the embedded default"))
+  return parser
+
+
+COMMANDS = {"layer": layer.run, "demo": demo.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -7,7 +7,8 @@ by δ changes the row's objective by exactly
 
 a parabola in δ, so the best grid value of coordinate i is the grid point nearest to
 t_i = q_i − g_i / H_ii. Each greedy step applies, in every row at once, the coordinate with the
-most negative Δ_i; a row whose best Δ_i is ≥ 0 is 1-opt and stops for good (rows are
+most negative Δ_i; a row whose best Δ_i is ≥ 0 is 1-opt and stops for good (a move must beat
+Δ's own rounding error, `NOISE_ULPS`; there is no relative threshold, see algorithms.md 7) (rows are
 independent and nothing else changes its g). G is updated with one gathered row of H per row,
 so a step costs O(d_out · d_in), and re-synchronised exactly (one matmul) every
 `resync_every` steps and at the end.
@@ -38,6 +39,9 @@ from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib, refit as refit_lib
 from cdquant_jax.solvers.gptq import GPTQConfig
 from cdquant_jax.solvers.result import SolveResult
+
+# A move must lower the objective by more than this many ulps of the terms of its Δ.
+NOISE_ULPS = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,6 +166,12 @@ def refine_greedy(W, H, Q0, grid: Grid, *, max_steps: int, resync_every: int,
                  trace_every=int(trace_every), sizes=phase_sizes(d_out, min_phase_rows))
 
 
+def _values(C, s, z, Q0, frozen):
+  """Weights of codes C [rows, d_in] (frozen coordinates keep Q0)."""
+  Q = grids.dequantize_codes(C, s, z)
+  return Q if frozen is None else jnp.where(frozen, Q0, Q)
+
+
 def _take_rows(x, idx):
   return x if idx is None or x.shape[0] == 1 else jnp.take(x, idx, axis=0)
 
@@ -174,10 +184,13 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
   d_out, d_in = W.shape
   diag_h = jnp.diag(H)
   inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
-  E0 = Q0 - W
+  # State: float codes C (exact integers; the values are s·(C − z)), so "no move" is exact.
+  C = grids.codes_of(Q0, s, z, maxq, flavor)
+  E0 = _values(C, s, z, Q0, frozen) - W
   G = hdot(E0, H)
   obj = jnp.sum(E0 * G, axis=1)
-  Q, steps, active = Q0, jnp.zeros((d_out,), jnp.int32), jnp.ones((d_out,), bool)
+  steps, active = jnp.zeros((d_out,), jnp.int32), jnp.ones((d_out,), bool)
+  kept = None if frozen is None else Q0  # values of the frozen coordinates
   trace = jnp.full((max_steps // trace_every + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
   # Loop-global carry: steps done, tracked total objective, trace, largest resync drift.
   glob = (jnp.int32(0), jnp.sum(obj), trace, jnp.zeros((), W.dtype))
@@ -186,23 +199,25 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
     handover = sizes[k + 1] if k + 1 < len(sizes) else 0
     # Active rows first; the previous phase ended with at most `rows` of them.
     idx = None if rows == d_out else jnp.argsort(~active, stable=True)[:rows]
-    sub = tuple(_take_rows(x, idx) for x in (Q, G, obj, steps, active))
-    consts = tuple(None if x is None else _take_rows(x, idx) for x in (W, s, z, frozen))
+    sub = tuple(_take_rows(x, idx) for x in (C, G, obj, steps, active))
+    consts = tuple(None if x is None else _take_rows(x, idx) for x in (W, s, z, kept, frozen))
     outside = glob[1] - jnp.sum(sub[2])
     sub, glob = _phase(sub, glob, consts, H, diag_h, inv_diag, outside, maxq=maxq,
                        flavor=flavor, max_steps=max_steps, resync_every=resync_every,
                        trace_every=trace_every, handover=handover)
     if idx is None:
-      Q, G, obj, steps, active = sub
+      C, G, obj, steps, active = sub
     else:
-      Q, G, obj, steps, active = (x.at[idx].set(y) for x, y in zip((Q, G, obj, steps, active),
+      C, G, obj, steps, active = (x.at[idx].set(y) for x, y in zip((C, G, obj, steps, active),
                                                                       sub))
 
   t, tracked, trace, drift = glob
+  Q = _values(C, s, z, Q0, frozen)
   E = Q - W
   exact = jnp.sum(hdot(E, H) * E)
   drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-  return Q, dict(steps=steps, global_steps=t, objective_trace=trace[:-1],
+  return Q, dict(codes=C.astype(jnp.int32), steps=steps, global_steps=t,
+                 objective_trace=trace[:-1],
                  trace_every=jnp.int32(trace_every), tracked_objective=tracked,
                  recomputed_objective=exact, max_resync_drift=drift)
 
@@ -210,28 +225,31 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
 def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max_steps,
            resync_every, trace_every, handover):
   """Greedy steps on a gathered set of rows until at most `handover` stay active."""
-  W, s, z, frozen = consts
+  W, s, z, Q0, frozen = consts
   d_in = W.shape[1]
   cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
+  noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
   n_trace = max_steps // trace_every + 1
 
   def step(carry):
-    (Q, G, obj, steps, active), (t, total, trace, drift) = carry
-    target = Q - G * inv_diag
-    cand = grids.fake_quantize(target, s, z, maxq, flavor)
-    delta = cand - Q
+    (C, G, obj, steps, active), (t, total, trace, drift) = carry
+    target = _values(C, s, z, Q0, frozen) - G * inv_diag
+    cand = grids.codes_of(target, s, z, maxq, flavor)
+    delta = s * (cand - C)
     if frozen is not None:
       delta = jnp.where(frozen, 0.0, delta)
     gain = delta * (2.0 * G + delta * diag_h)
+    # A move counts only if its Δ is negative beyond Δ's own rounding error (otherwise float
+    # noise can ping-pong a coordinate between two near-equal values forever).
+    key = gain + noise * jnp.abs(delta) * (2.0 * jnp.abs(G) + jnp.abs(delta) * diag_h)
     # argmin over columns as two plain reductions (XLA:CPU's variadic argmin is slow).
-    best_gain = jnp.min(gain, axis=1)
-    best = jnp.min(jnp.where(gain == best_gain[:, None], cols, d_in), axis=1)
+    best_key = jnp.min(key, axis=1)
+    best = jnp.min(jnp.where(key == best_key[:, None], cols, d_in), axis=1)
     hit = cols == best[:, None]
-    move = active & (best_gain < 0)
-    new_val = jnp.sum(jnp.where(hit, cand, 0.0), axis=1)
-    old_val = jnp.sum(jnp.where(hit, Q, 0.0), axis=1)
-    Q = jnp.where(hit & move[:, None], new_val[:, None], Q)
-    moved_by = jnp.where(move, new_val - old_val, 0.0)
+    move = active & (best_key < 0)
+    best_gain = jnp.sum(jnp.where(hit, gain, 0.0), axis=1)
+    moved_by = jnp.where(move, jnp.sum(jnp.where(hit, delta, 0.0), axis=1), 0.0)
+    C = jnp.where(hit & move[:, None], cand, C)
     # G += δ ⊗ H[i*, :], one gathered row of H per row: [rows, d_in].
     G = G + moved_by[:, None] * jnp.take(H, best, axis=0)
     gained = jnp.where(move, best_gain, 0.0)
@@ -239,17 +257,17 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
     steps, active, t = steps + move, move, t + 1
     slot = jnp.where(t % trace_every == 0, jnp.minimum(t // trace_every, n_trace), n_trace)
     trace = trace.at[slot].set(total)
-    rows_state, glob_state = (Q, G, obj, steps, active), (t, total, trace, drift)
+    rows_state, glob_state = (C, G, obj, steps, active), (t, total, trace, drift)
     return jax.lax.cond(t % resync_every == 0, resync, lambda c: c, (rows_state, glob_state))
 
   def resync(carry):
-    (Q, G, obj, steps, active), (t, total, trace, drift) = carry
-    E = Q - W
+    (C, G, obj, steps, active), (t, total, trace, drift) = carry
+    E = _values(C, s, z, Q0, frozen) - W
     G = hdot(E, H)
     obj = jnp.sum(E * G, axis=1)
     exact = outside + jnp.sum(obj)
     drift = jnp.maximum(drift, jnp.abs(total - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-    return (Q, G, obj, steps, active), (t, exact, trace, drift)
+    return (C, G, obj, steps, active), (t, exact, trace, drift)
 
   def cond(carry):
     (_, _, _, _, active), (t, _, _, _) = carry

@@ -7,7 +7,8 @@ so the H-weighted least squares min (w − ŵ)ᵀ H (w − ŵ) is a small (n_gro
 (K = 1 or 2 features per group): (Aᵀ H A + ridge) x = Aᵀ H w. Zero points that must be integers
 (GPTQ flavour, SpQR with round_zero) are rounded after the affine fit and the scales refitted
 with them fixed; symmetric grids keep their fixed zero. A row keeps its old parameters unless
-the refit lowers its objective with positive finite scales, so a refit never raises the objective.
+the refit lowers its objective, so a refit never raises the objective; a group whose fitted scale
+is not positive and finite keeps its old (scale, zero).
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ def refit_grid(W, H, Q, grid: Grid, grid_cfg: GridConfig, *,
   if grid_cfg.fp16_stats:
     scale = scale.astype(jnp.float16).astype(scale.dtype)
     zero = zero.astype(jnp.float16).astype(zero.dtype)
+  # Groups whose fit is not a usable grid (scale ≤ 0, NaN) keep their old parameters.
+  usable = jnp.isfinite(scale) & (scale > 0) & jnp.isfinite(zero)
+  scale = jnp.where(usable, scale, grid.scale)
+  zero = jnp.where(usable, zero, grid.zero)
   new = Grid(scale=scale, zero=zero, group_index=grid.group_index, maxq=grid.maxq,
              flavor=grid.flavor)
   Q_new = grids.dequantize(codes.astype(jnp.int32), new)
-  old_obj, new_obj = row_objectives(W, Q, H), row_objectives(W, Q_new, H)
-  ok = (new_obj < old_obj) & jnp.all(jnp.isfinite(scale) & (scale > 0) & jnp.isfinite(zero),
-                                     axis=1)
+  ok = row_objectives(W, Q_new, H) < row_objectives(W, Q, H)
   new = Grid(scale=jnp.where(ok[:, None], scale, grid.scale),
              zero=jnp.where(ok[:, None], zero, grid.zero), group_index=grid.group_index,
              maxq=grid.maxq, flavor=grid.flavor)

@@ -1,1 +1,24 @@
-"""Flax/JAX decoder LMs loading HF and GGUF checkpoints."""
+"""Decoder LMs in JAX loading HF (safetensors, sharded, hub) and GGUF checkpoints.
+
+Families: Llama 1/2/3, Mistral, Qwen2, SmolLM, Gemma 1/2/3 (`LlamaLike`), OPT, Falcon.
+Models are frozen dataclasses with a functional API (embed / block / head / forward /
+decode_step / generate); params are plain nested dicts with HF-like names.
+"""
+
+# Model API
+from cdquant_jax.models.base import CausalLM, default_positions
+from cdquant_jax.models.config import ModelConfig, RopeConfig
+from cdquant_jax.models.falcon import Falcon
+from cdquant_jax.models.layers import linear
+from cdquant_jax.models.llama import LlamaLike
+from cdquant_jax.models.opt import OPT
+# Loading
+from cdquant_jax.models.registry import (block_linears, load_model, model_for_config,
+                                         model_from_hf_config)
+from cdquant_jax.models.tokenizer import load_tokenizer
+
+__all__ = [
+    "CausalLM", "Falcon", "LlamaLike", "ModelConfig", "OPT", "RopeConfig", "block_linears",
+    "default_positions", "linear", "load_model", "load_tokenizer", "model_for_config",
+    "model_from_hf_config",
+]

@@ -103,3 +103,31 @@ def best_block_move(W, H, Q, scale, zero, maxq, r, block, radius):
     if gain < best[0]:
       best = (gain, np.array(values))
   return best
+
+
+def cyclic_cd(W, H, Q0, scale, zero, maxq, sweeps, order=None):
+  """Cyclic CD: per sweep, columns in `order`, each weight set to its best grid value.
+
+  Returns (Q, sweeps run); stops after a sweep without an improving move.
+  """
+  W, H = np.asarray(W, np.float64), np.asarray(H, np.float64)
+  Q = np.array(Q0, np.float64)
+  order = range(W.shape[1]) if order is None else order
+  for k in range(sweeps):
+    changed = 0
+    for i in order:
+      for r in range(W.shape[0]):
+        g = H[i] @ (Q[r] - W[r])
+        g_size = np.abs(H[i]) @ np.abs(Q[r] - W[r])
+        values = _values(scale, zero, maxq, r, i)
+        deltas = values - values[int(np.argmin(np.abs(values - Q[r, i])))]
+        gains = 2 * deltas * g + deltas**2 * H[i, i]
+        size = 2 * np.abs(deltas) * g_size + deltas**2 * H[i, i]
+        gains = np.where(gains < -TIE * size, gains, 0.0)
+        j = int(np.argmin(gains))
+        if gains[j] < 0:
+          Q[r, i] = values[j]
+          changed += 1
+    if not changed:
+      return Q, k + 1
+  return Q, sweeps

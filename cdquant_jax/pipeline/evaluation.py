@@ -1,0 +1,45 @@
+"""Perplexity of a (quantized) model on the configured evaluation sources."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from cdquant_jax import data
+from cdquant_jax.eval.perplexity import perplexity
+from cdquant_jax.pipeline import capture
+from cdquant_jax.pipeline.config import EvalSettings
+
+
+def limit_windows(ids: np.ndarray, seqlen: int, max_windows: int | None) -> np.ndarray:
+  """The first max_windows · seqlen tokens of ids [1, N] (all of them when None)."""
+  ids = np.asarray(ids).reshape(1, -1)
+  return ids if max_windows is None else ids[:, :max_windows * seqlen]
+
+
+def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
+                     progress: bool = False) -> dict:
+  """GPTQ-protocol perplexity with the pipeline's block-by-block jitted forward.
+
+  params: dense params (see `export.dense_params`); moved to the device once.
+  """
+  params = jax.device_put(params)
+  result = perplexity(capture.block_logits_fn(model, params), ids, seqlen=seqlen,
+                      batch_size=batch_size, progress=progress)
+  return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
+
+
+def evaluate_sources(settings: EvalSettings, model, params, tokenizer, *, default_seqlen: int,
+                     progress: bool = False) -> dict[str, dict]:
+  """{source: perplexity dict (+ seqlen, token_hash)} for every configured source."""
+  if settings.sources and tokenizer is None:
+    raise ValueError(f"eval.sources={list(settings.sources)} needs a tokenizer; the model has none")
+  seqlen = settings.seqlen or default_seqlen
+  out = {}
+  for source in settings.sources:
+    ids = data.evaluation_ids(source, tokenizer, seqlen=seqlen, path=settings.paths.get(source))
+    ids = limit_windows(ids, seqlen, settings.max_windows)
+    result = model_perplexity(model, params, ids, seqlen=seqlen, batch_size=settings.batch_size,
+                              progress=progress)
+    out[source] = {**result, "seqlen": seqlen, "token_hash": data.token_hash(ids)}
+  return out

@@ -1,0 +1,146 @@
+"""The quantized model directory: write it, load it back, and dequantize it for evaluation.
+
+Layout (every file written atomically):
+  model.json             {"config": ModelConfig fields, "dtype": "float32", "format": ...}
+  params.safetensors     every parameter that is not a quantized linear weight (embeddings,
+                         norms, biases, excluded linears), named by dotted path
+                         ("layers.0.input_layernorm.weight"); bfloat16 stored as float32
+  quantized.safetensors  the QuantizedWeight of each quantized linear, named by module
+                         ("layers.0.self_attn.q_proj"; `quant.serialize` format, sha256-checked)
+  tokenizer.json         the tokenizer, when the model has one
+  run_config.json        the resolved RunConfig
+  metrics.json, log.jsonl  written by the pipeline
+`load_quantized_model(dir)` returns params with a QuantizedWeight at p["weight"] of each
+quantized linear; `dense_params` turns them into arrays of the model dtype (what the pipeline
+wrote back into the model while quantizing, so evaluation reproduces it exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from cdquant_jax import config as config_lib
+from cdquant_jax import io_utils
+from cdquant_jax.models import registry
+from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.quant import qweight, serialize
+from cdquant_jax.quant.qweight import QuantizedWeight
+
+MODEL_FILE = "model.json"
+PARAMS_FILE = "params.safetensors"
+QUANTIZED_FILE = "quantized.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+DIR_FORMAT = "cdquant_jax.quantized_model/1"
+Params = dict[str, Any]
+
+
+def _is_qweight(x) -> bool:
+  return isinstance(x, QuantizedWeight)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+  """Nested params (dicts and the layers list) -> {"a.0.b.weight": leaf}."""
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qweight)[0]
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in leaves}
+
+
+def unflatten_like(model, dtype, flat: dict[str, Any], where: str) -> Params:
+  """The params tree of `model` with leaves taken from `flat` by dotted name."""
+  shapes = model.param_shapes(dtype)
+  names = list(flatten(shapes))
+  missing = [n for n in names if n not in flat]
+  if missing:
+    raise ValueError(f"{where}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+  extra = sorted(set(flat) - set(names))
+  if extra:
+    raise ValueError(f"{where}: unexpected parameters {extra[:5]}")
+  treedef = jax.tree_util.tree_structure(shapes)
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+
+
+def dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def write_model_dir(directory: str, model, params: Params, qweights: dict[str, QuantizedWeight],
+                    *, tokenizer=None, run_config=None, extra: dict | None = None) -> None:
+  """Writes model.json, params.safetensors, quantized.safetensors (+ tokenizer, run config).
+
+  params: the model's params (the entries at quantized linears' weights are not written);
+  qweights: module name -> QuantizedWeight.
+  """
+  os.makedirs(directory, exist_ok=True)
+  dtype = jax.tree.leaves(params)[0].dtype
+  skip = {f"{name}.weight" for name in qweights}
+  tensors = {}
+  for name, leaf in flatten(params).items():
+    if name in skip:
+      continue
+    a = np.asarray(leaf)
+    tensors[name] = a if a.dtype in (np.float32, np.float16) else a.astype(np.float32)
+  with io_utils.atomic_path(os.path.join(directory, PARAMS_FILE)) as tmp:
+    save_file(tensors, tmp)
+  with io_utils.atomic_path(os.path.join(directory, QUANTIZED_FILE)) as tmp:
+    serialize.save_quantized(tmp, qweights, extra=extra)
+  io_utils.atomic_write_json(os.path.join(directory, MODEL_FILE), dict(
+      format=DIR_FORMAT, config=config_lib.to_dict(model.config), dtype=dtype_name(dtype)))
+  if tokenizer is not None and hasattr(tokenizer, "to_str"):
+    io_utils.atomic_write_text(os.path.join(directory, TOKENIZER_FILE), tokenizer.to_str())
+  if run_config is not None:
+    io_utils.atomic_write_json(os.path.join(directory, RUN_CONFIG_FILE),
+                               config_lib.to_dict(run_config))
+
+
+def load_quantized_model(directory: str):
+  """(model, params, tokenizer or None) of a quantized model directory; each quantized linear's
+  p["weight"] is a QuantizedWeight (use `dense_params` to evaluate with plain arrays)."""
+  path = os.path.join(directory, MODEL_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory}: not a quantized model directory (no {MODEL_FILE})")
+  with open(path) as f:
+    doc = json.load(f)
+  if doc.get("format") != DIR_FORMAT:
+    raise ValueError(f"{path}: format {doc.get('format')!r}, this code reads {DIR_FORMAT!r}")
+  model = registry.model_for_config(config_lib.from_dict(ModelConfig, doc["config"]))
+  dtype = registry.as_dtype(doc["dtype"])
+  flat = {k: jnp.asarray(v, dtype) for k, v in
+          load_file(os.path.join(directory, PARAMS_FILE)).items()}
+  qweights = serialize.load_quantized(os.path.join(directory, QUANTIZED_FILE))
+  flat.update({f"{name}.weight": qw for name, qw in qweights.items()})
+  params = unflatten_like(model, dtype, flat, where=directory)
+  tok = None
+  tok_path = os.path.join(directory, TOKENIZER_FILE)
+  if os.path.exists(tok_path):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    tok = Tokenizer.from_file(tok_path)
+  return model, params, tok
+
+
+def dense_weight(qw: QuantizedWeight, dtype) -> jax.Array:
+  """The dequantized [d_out, d_in] weight in the model dtype (as written back while quantizing)."""
+  return qweight.dequantize(qw).astype(dtype)
+
+
+def dense_params(params: Params, dtype=None) -> Params:
+  """params with every QuantizedWeight replaced by its dequantized weight (model dtype)."""
+  if dtype is None:
+    dtype = next(x.dtype for x in jax.tree.leaves(params, is_leaf=_is_qweight)
+                 if not _is_qweight(x))
+  return jax.tree.map(lambda x: dense_weight(x, dtype) if _is_qweight(x) else x, params,
+                      is_leaf=_is_qweight)
+
+
+def quantized_weights(params: Params) -> dict[str, QuantizedWeight]:
+  """module name -> QuantizedWeight of a loaded quantized model."""
+  return {name[:-len(".weight")]: leaf for name, leaf in flatten(params).items()
+          if _is_qweight(leaf)}

@@ -14,7 +14,8 @@ Exactly the reference `SPQRUtil.quantize` (algorithms.md 2.2, Vahe1994/SpQR spqr
 Loop structure (never unrolled over columns): lax.fori_loop over blocks of `blocksize` columns →
 fori_loop over segments of min(groupsize, blocksize) columns (group statistics at segment starts)
 → fori_loop over the segment's columns. Inside a block the updates are written eagerly into the
-block; after it, one [d_out, B] @ [B, d_in] matmul (masked to the later columns) updates the rest.
+block; after it, one [d_in, B] @ [B, d_out] matmul (masked to the later columns) updates the rest.
+The sweep works on Wᵀ so that a column is a contiguous row.
 
 Deviation from the reference, behind `fp16_storage` (default True; False = the reference):
 statistics that are stored as float16 (second-level statistics, unquantized first-level ones) are
@@ -58,7 +59,8 @@ class SpQRConfig:
   # Second-level bits of the per-row scales / zeros; None = kept unquantized (fp16).
   qq_scale_bits: int | None = 3
   qq_zero_bits: int | None = 3
-  # β2: consecutive output rows sharing one second-level (scale, zero).
+  # β2: consecutive output rows sharing one second-level (scale, zero); must divide d_out
+  # whenever a second level is used (no padding of rows).
   qq_groupsize: int = 16
   # Relative outlier threshold τ; math.inf disables outliers.
   outlier_threshold: float = 0.2
@@ -119,7 +121,9 @@ class SpQRConfig:
     if not (b % g == 0 or g % b == 0 or g == d_in):
       raise bad(f"groupsize {g} and blocksize {b} must divide one another so that no group "
                 f"straddles a block boundary")
-    if self.qq_groupsize <= 0 or d_out % self.qq_groupsize:
+    sc = self.stats_config()
+    second_level = sc.quantize_scale or sc.quantize_zero
+    if self.qq_groupsize <= 0 or (second_level and d_out % self.qq_groupsize):
       raise bad(f"qq_groupsize must be a positive divisor of d_out={d_out}, "
                 f"got {self.qq_groupsize} (pad the layer's rows first)")
     if self.permutation_order not in ("identity", "act_order"):
@@ -155,8 +159,8 @@ def _fit(Wg: jax.Array, ug: jax.Array, tau_abs: jax.Array, sw: _Sweep) -> GroupS
 
 
 def _store(tables: GroupStats, stats: GroupStats, k: jax.Array) -> GroupStats:
-  """Writes one group's statistics (vectors) into column k of the [·, n_groups] tables."""
-  return GroupStats(*(t.at[:, k].set(s) for t, s in zip(tables, stats)))
+  """Writes one group's statistics (vectors) into row k of the [n_groups, ·] tables."""
+  return GroupStats(*(t.at[k].set(s) for t, s in zip(tables, stats)))
 
 
 def _quantize_column(w, u_jj, stats: GroupStats, tau_abs, sw: _Sweep):
@@ -176,53 +180,57 @@ def _quantize_column(w, u_jj, stats: GroupStats, tau_abs, sw: _Sweep):
 
 
 def _sweep_block(i, carry, U, u, tau_abs, sw: _Sweep):
-  """Quantizes block i (columns [i·B, (i+1)·B)) and propagates its error to later columns."""
-  W, codes, mask, stats, tables = carry
-  d_out, D = W.shape
+  """Quantizes block i (columns [i·B, (i+1)·B)) and propagates its error to later columns.
+
+  Works on transposed weights WT [D, d_out] (a column of W is a contiguous row of WT).
+  """
+  WT, codes, mask, stats, tables = carry
+  D, d_out = WT.shape
   B, g = sw.blocksize, sw.groupsize
   b = i * B
   if g > B:  # a group spans whole blocks: fit at the first block of each group
     def fit_here():
-      return _fit(jax.lax.dynamic_slice(W, (0, b), (d_out, g)),
+      return _fit(jax.lax.dynamic_slice(WT, (b, 0), (g, d_out)).T,
                   jax.lax.dynamic_slice(u, (b,), (g,)), tau_abs, sw)
     stats = jax.lax.cond(b % g == 0, fit_here, lambda: stats)
     tables = _store(tables, stats, b // g)
   seg = min(g, B)
-  Wb = jax.lax.dynamic_slice(W, (0, b), (d_out, B))
+  Wb = jax.lax.dynamic_slice(WT, (b, 0), (B, d_out))
   Ub = jax.lax.dynamic_slice(U, (b, b), (B, B))
   ub = jax.lax.dynamic_slice(u, (b,), (B,))
   cols = jnp.arange(B)
 
   def column(j, c):
     Wb, Eb, Cb, Mb, stats = c
-    q, code, is_out, e = _quantize_column(Wb[:, j], ub[j], stats, tau_abs, sw)
-    # In-block update of the later columns: Wb[:, j+1:] −= e ⊗ U[j, j+1:].
-    Wb = Wb - e[:, None] * jnp.where(cols > j, Ub[j], 0.0)[None, :]
-    Wb = Wb.at[:, j].set(q)
-    return Wb, Eb.at[:, j].set(e), Cb.at[:, j].set(code), Mb.at[:, j].set(is_out), stats
+    q, code, is_out, e = _quantize_column(Wb[j], ub[j], stats, tau_abs, sw)
+    # In-block update of the later columns: W[:, j+1:] −= e ⊗ U[j, j+1:] (transposed).
+    Wb = Wb - jnp.where(cols > j, Ub[j], 0.0)[:, None] * e[None, :]
+    Wb = Wb.at[j].set(q)
+    return Wb, Eb.at[j].set(e), Cb.at[j].set(code), Mb.at[j].set(is_out), stats
 
   def segment(s, c):
     Wb, Eb, Cb, Mb, stats, tables = c
     c0 = s * seg
     if g <= B:
-      stats = _fit(jax.lax.dynamic_slice(Wb, (0, c0), (d_out, g)),
+      stats = _fit(jax.lax.dynamic_slice(Wb, (c0, 0), (g, d_out)).T,
                    jax.lax.dynamic_slice(ub, (c0,), (g,)), tau_abs, sw)
       tables = _store(tables, stats, (b + c0) // g)
     Wb, Eb, Cb, Mb, stats = jax.lax.fori_loop(
         c0, c0 + seg, column, (Wb, Eb, Cb, Mb, stats))
     return Wb, Eb, Cb, Mb, stats, tables
 
-  init = (Wb, jnp.zeros_like(Wb), jnp.zeros((d_out, B), jnp.int32), jnp.zeros((d_out, B), bool),
+  init = (Wb, jnp.zeros_like(Wb), jnp.zeros((B, d_out), jnp.int32), jnp.zeros((B, d_out), bool),
           stats, tables)
   Wb, Eb, Cb, Mb, stats, tables = jax.lax.fori_loop(0, B // seg, segment, init)
-  # Lazy update of the columns after the block: W[:, b+B:] −= Eb @ U[b:b+B, b+B:].
+  # Lazy update of the columns after the block: W[:, b+B:] −= E_blk @ U[blk, b+B:], i.e.
+  # WT[b+B:] −= U[blk, b+B:]ᵀ @ E_blkᵀ: [D, B] @ [B, d_out], masked to the later rows.
   Urows = jax.lax.dynamic_slice(U, (b, 0), (B, D))
   later = (jnp.arange(D) >= b + B)[None, :]
-  W = W - jnp.where(later, hdot(Eb, Urows), 0.0)
-  W = jax.lax.dynamic_update_slice(W, Wb, (0, b))
-  codes = jax.lax.dynamic_update_slice(codes, Cb, (0, b))
-  mask = jax.lax.dynamic_update_slice(mask, Mb, (0, b))
-  return W, codes, mask, stats, tables
+  WT = WT - hdot(jnp.where(later, Urows, 0.0).T, Eb)
+  WT = jax.lax.dynamic_update_slice(WT, Wb, (b, 0))
+  codes = jax.lax.dynamic_update_slice(codes, Cb, (b, 0))
+  mask = jax.lax.dynamic_update_slice(mask, Mb, (b, 0))
+  return WT, codes, mask, stats, tables
 
 
 @functools.partial(jax.jit, static_argnames=("sw",))
@@ -238,11 +246,14 @@ def _sweep(W: jax.Array, U: jax.Array, tau_abs: jax.Array, sw: _Sweep):
   vec = lambda n, dt: jnp.zeros((n,), dt)
   stats = GroupStats(vec(d_out, W.dtype), vec(d_out, W.dtype), vec(d_out, jnp.int32),
                      vec(d_out, jnp.int32), *(vec(n_rows2, W.dtype) for _ in range(4)))
-  tables = GroupStats(*(jnp.zeros((v.shape[0], n_tab), v.dtype) for v in stats))
-  carry = (W, jnp.zeros(W.shape, jnp.int32), jnp.zeros(W.shape, bool), stats, tables)
+  # Tables are [n_tab, ·] inside the loop (one contiguous row per group).
+  tables = GroupStats(*(jnp.zeros((n_tab, v.shape[0]), v.dtype) for v in stats))
+  # [d_out, D] -> [D, d_out]
+  WT = W.T
+  carry = (WT, jnp.zeros(WT.shape, jnp.int32), jnp.zeros(WT.shape, bool), stats, tables)
   body = lambda i, c: _sweep_block(i, c, U, jnp.diag(U), tau_abs, sw)
-  W, codes, mask, _, tables = jax.lax.fori_loop(0, D // sw.blocksize, body, carry)
-  return W, codes, mask, tables
+  QT, codes, mask, _, tables = jax.lax.fori_loop(0, D // sw.blocksize, body, carry)
+  return QT.T, codes.T, mask.T, GroupStats(*(t.T for t in tables))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ def test_bad_shapes_raise_clear_errors(rng):
   W, H = layer_problem(rng, 24, 64)
   with pytest.raises(ValueError, match=r"layer q_proj.*qq_groupsize.*d_out=24"):
     spqr(W, H, SpQRConfig(), layer="q_proj")
+  # Without a second level any d_out works.
+  res = spqr(W, H, SpQRConfig(qq_scale_bits=None, qq_zero_bits=None, outlier_threshold=math.inf))
+  assert "scale_codes" not in res.extras and "zero_codes" not in res.extras
+  assert res.grid.scale.shape == (24, 4)
   W, H = layer_problem(rng, 32, 64)
   with pytest.raises(ValueError, match=r"groupsize.*d_in=64"):
     spqr(W, H, SpQRConfig(groupsize=24), layer="q_proj")

@@ -25,12 +25,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cdquant_jax._numerics import hdot, layer_objective, row_objectives
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid
+from cdquant_jax.solvers import bcd as bcd_lib
 from cdquant_jax.solvers import cd as cd_lib
 from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers.bcd import BCDConfig
 from cdquant_jax.solvers.result import SolveResult
 from cdquant_jax.solvers.spqr import FP16_MAX, SpQRConfig, spqr
 
@@ -54,8 +57,10 @@ class SpQRCDConfig:
   resync_every: int = 512
   # Smallest compaction phase of the greedy loop (speed only).
   min_phase_rows: int = 64
-  # Extra keyword arguments of `bcd.refine_bcd` (refine="bcd" only), as (name, value) pairs.
-  bcd_options: tuple[tuple[str, object], ...] = ()
+  # BCD settings (refine="bcd" only): block_size, partition, n_partners, radius,
+  # max_steps_factor, candidates, rescan_every, resync_every, seed are used; its grid, init
+  # and cd fields are ignored (the grid is SpQR's, the start is the SpQR solution).
+  bcd: BCDConfig = BCDConfig()
   # Relative ridge λ / mean(diag H) of the outlier solve.
   ridge: float = 1e-6
 
@@ -70,6 +75,8 @@ class SpQRCDConfig:
       raise bad(f"max_steps_factor must be positive, got {self.max_steps_factor}")
     if self.resync_every <= 0:
       raise bad(f"resync_every must be positive, got {self.resync_every}")
+    if self.refine == "bcd":
+      self.bcd.validate(d_in)
     if not self.ridge >= 0:
       raise bad(f"ridge must be >= 0, got {self.ridge}")
 
@@ -147,18 +154,21 @@ def _accept_rows(W, H, Q_old, Q_new):
   return jnp.where(better[:, None], Q_new, Q_old), jnp.sum(better)
 
 
-def _refine_codes(W, H, Q, grid: Grid, mask, cfg: SpQRCDConfig):
-  """One CD/BCD pass over the non-outlier codes. Returns (Q, steps [d_out])."""
-  max_steps = max(1, math.ceil(cfg.max_steps_factor * W.shape[1]))
+def _refine_codes(W, H, Q, grid: Grid, mask, blocks, cfg: SpQRCDConfig):
+  """One CD/BCD pass over the non-outlier codes. Returns (Q, moves per row [d_out])."""
+  d_in = W.shape[1]
   if cfg.refine == "cd":
-    Q, diag = cd_lib.refine_greedy(W, H, Q, grid, max_steps=max_steps,
+    Q, diag = cd_lib.refine_greedy(W, H, Q, grid,
+                                   max_steps=max(1, math.ceil(cfg.max_steps_factor * d_in)),
                                    resync_every=cfg.resync_every, frozen=mask,
                                    min_phase_rows=cfg.min_phase_rows)
   else:
-    from cdquant_jax.solvers import bcd as bcd_lib  # optional module, imported on use
-    Q, diag = bcd_lib.refine_bcd(W, H, Q, grid, frozen=mask, **dict(cfg.bcd_options))
-  steps = diag.get("steps", jnp.zeros((W.shape[0],), jnp.int32))
-  return Q, steps
+    b = cfg.bcd
+    Q, diag = bcd_lib.refine_bcd(W, H, Q, grid, blocks=blocks, radius=b.radius,
+                                 max_steps=max(1, math.ceil(b.max_steps_factor * d_in)),
+                                 candidates=b.candidates, rescan_every=b.rescan_every,
+                                 resync_every=b.resync_every, frozen=mask)
+  return Q, diag["steps"]
 
 
 def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> SolveResult:
@@ -183,12 +193,16 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   # CD works on W with dead columns zeroed (where H is zero, so the objective is unchanged).
   Wt = jnp.where(hessian.dead_columns(H)[None, :], 0.0, W)
   mask, grid = base.outlier_mask, base.grid
+  blocks = None
+  if cfg.refine == "bcd" and cfg.rounds:
+    b = cfg.bcd
+    blocks = bcd_lib.make_blocks(np.asarray(H), b.block_size, b.partition, b.n_partners, b.seed)
   lam_rel = cfg.ridge
   Q, trace = base.Q, [base.objective]
   steps = jnp.zeros((d_out,), jnp.int32)
   acc_cd, acc_out = [], []
   for _ in range(cfg.rounds):
-    Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, cfg)
+    Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, blocks, cfg)
     Q, n = _accept_rows(W, H, Q, Q_cd)
     steps, acc_cd = steps + s.astype(jnp.int32), acc_cd + [n]
     trace.append(layer_objective(W, Q, H))

@@ -1,0 +1,137 @@
+"""`packed_matmul(x, qw)`: x [B, d_in] @ dequantize(qw)ᵀ -> f32 [B, d_out] on packed weights.
+
+Implementations (registry by name; `implementation=` or the CDQUANT_PACKED_MATMUL environment
+variable picks one, default "auto"):
+  "reference"      dequantize the container, f32 matmul at HIGHEST (reference.py, the spec).
+  "pallas_triton"  Pallas kernels (pallas_triton.py dense, sparse.py outliers), Triton backend;
+                   natively on a GPU, or in interpret mode anywhere (`interpret=True`).
+"auto": "pallas_triton" natively when a GPU backend is present (or interpreted when
+interpret=True is passed), else "reference" (on CPU the interpreter is slower than the
+reference); the reason is logged once. An explicitly named implementation that cannot run
+raises ValueError with the reason. Batches above BlockConfig.max_batch (16) are not
+weight-streaming problems: the Pallas path then dequantizes and runs one dense dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from cdquant_jax.kernels.packed_matmul import pallas_triton, sparse
+from cdquant_jax.kernels.packed_matmul.plan import BlockConfig, make_plan
+from cdquant_jax.kernels.packed_matmul.reference import packed_matmul_reference
+from cdquant_jax.quant.qweight import QuantizedWeight, dequantize
+
+__all__ = ["BlockConfig", "IMPLEMENTATIONS", "available_implementations", "packed_matmul",
+           "packed_matmul_reference", "pallas_packed_matmul", "select_implementation"]
+
+ENV_VAR = "CDQUANT_PACKED_MATMUL"
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _has_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:  # pragma: no cover
+    return False
+
+
+def dequantized_dot(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+  """Large-batch path: x @ dequantize(qw)ᵀ in x's dtype (f32: HIGHEST), f32 accumulation."""
+  w = dequantize(qw)  # [d_out, d_in] f32
+  if x.dtype == jnp.float32:
+    return jnp.matmul(x, w.T, precision=jax.lax.Precision.HIGHEST)
+  # [B, d_in] x [d_out, d_in] -> [B, d_out]
+  return jnp.einsum("bi,oi->bo", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def pallas_packed_matmul(x: jax.Array, qw: QuantizedWeight, *,
+                         config: BlockConfig = BlockConfig(),
+                         interpret: bool = False) -> jax.Array:
+  """Dense Pallas kernel + outlier Pallas kernel: x [B, d_in] -> f32 [B, d_out]."""
+  if x.shape[0] > config.max_batch:
+    return dequantized_dot(x, qw)
+  plan = make_plan(qw, x.shape[0], x.dtype, config)
+  y = pallas_triton.dense_call(x, qw, plan, config=config, interpret=interpret)
+  if qw.meta.nnz:
+    y = y + sparse.outlier_call(x, qw, config=config, interpret=interpret)
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """A named implementation: `unavailable(interpret)` gives None or the reason it cannot run."""
+
+  name: str
+
+  def unavailable(self, interpret: bool) -> str | None:
+    if self.name == "reference":
+      return None
+    if pallas_triton.plt is None:
+      return f"jax.experimental.pallas.triton cannot be imported ({pallas_triton.IMPORT_ERROR})"
+    if not interpret and not _has_gpu():
+      return (f"no GPU (jax backend {jax.default_backend()!r}); Pallas runs on CPU only in "
+              "interpret mode (pass interpret=True)")
+    return None
+
+  def __call__(self, x, qw, *, interpret: bool, config: BlockConfig = BlockConfig()):
+    if self.name == "reference":
+      return packed_matmul_reference(x, qw)
+    return pallas_packed_matmul(x, qw, config=config, interpret=interpret)
+
+
+IMPLEMENTATIONS = {name: Implementation(name) for name in ("pallas_triton", "reference")}
+
+
+def available_implementations(interpret: bool = False) -> dict[str, str | None]:
+  """name -> None when it can run here, else the reason it cannot."""
+  return {name: impl.unavailable(interpret) for name, impl in IMPLEMENTATIONS.items()}
+
+
+def select_implementation(implementation: str | None = None, interpret: bool | None = None
+                          ) -> tuple[Implementation, bool, str]:
+  """(implementation, interpret flag, why it was chosen) for the given request."""
+  name = implementation or os.environ.get(ENV_VAR) or "auto"
+  if name != "auto":
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"unknown packed_matmul implementation {name!r}; "
+                       f"choose one of {sorted(IMPLEMENTATIONS)} or 'auto'")
+    interp = (not _has_gpu()) if interpret is None else bool(interpret)
+    reason = IMPLEMENTATIONS[name].unavailable(interp)
+    if reason:
+      raise ValueError(f"packed_matmul implementation {name!r} cannot run: {reason}")
+    return IMPLEMENTATIONS[name], interp, f"requested {name!r}"
+  interp = bool(interpret)
+  reason = IMPLEMENTATIONS["pallas_triton"].unavailable(interp)
+  if reason is None:
+    return IMPLEMENTATIONS["pallas_triton"], interp, "auto: pallas_triton"
+  return IMPLEMENTATIONS["reference"], False, f"auto: reference, since pallas_triton: {reason}"
+
+
+def packed_matmul(x: jax.Array, qw: QuantizedWeight, *, implementation: str | None = None,
+                  interpret: bool | None = None,
+                  config: BlockConfig = BlockConfig()) -> jax.Array:
+  """x [B, d_in] @ dequantize(qw)ᵀ -> f32 [B, d_out] (dense codes + CSR outliers).
+
+  Args:
+    x: [B, d_in] activations, f32 / bf16 / f16 (other dtypes are computed in f32).
+    qw: the packed weight (2/3/4-bit codes, float or SpQR "qq" statistics, optional
+      permutation and outliers).
+    implementation: "pallas_triton", "reference" or "auto"/None (see the module docstring).
+    interpret: run Pallas in interpret mode; None = only where there is no GPU.
+    config: tile sizes (BlockConfig).
+  """
+  if x.ndim != 2 or x.shape[1] != qw.meta.d_in:
+    raise ValueError(f"packed_matmul: x must be [B, d_in={qw.meta.d_in}], got {x.shape}")
+  impl, interp, why = select_implementation(implementation, interpret)
+  if why not in _logged:
+    _logged.add(why)
+    _log.info("packed_matmul: %s", why)
+  return impl(x, qw, interpret=interp, config=config)

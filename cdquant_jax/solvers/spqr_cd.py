@@ -149,9 +149,12 @@ def resolve_outliers(W, H, Q, mask, *, ridge: float = 1e-6, fp16: bool = False) 
 
 @jax.jit
 def _accept_rows(W, H, Q_old, Q_new):
-  """Keeps Q_new in the rows where it strictly lowers the row objective. Returns (Q, #accepted)."""
+  """Keeps Q_new in the rows where it strictly lowers the row objective.
+
+  Returns (Q [d_out, d_in], accepted rows [d_out] bool).
+  """
   better = row_objectives(W, Q_new, H) < row_objectives(W, Q_old, H)
-  return jnp.where(better[:, None], Q_new, Q_old), jnp.sum(better)
+  return jnp.where(better[:, None], Q_new, Q_old), better
 
 
 def _refine_codes(W, H, Q, grid: Grid, mask, blocks, cfg: SpQRCDConfig):
@@ -181,7 +184,7 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   Returns:
     SolveResult with SpQR's grid, perm, outlier mask and extras; Q and codes refined.
     Diagnostics: SpQR's, plus "spqr_objective", "objective_trace" [2·rounds + 1] (after SpQR,
-    then after each half-round), "cd_steps" [d_out] (moves per row, all rounds),
+    then after each half-round), "cd_steps" [d_out] (accepted moves per row, all rounds),
     "accepted_cd_rows" and "accepted_outlier_rows" [rounds].
   """
   hessian.check_layer_problem(W, H, layer=layer)
@@ -197,18 +200,18 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   if cfg.refine == "bcd" and cfg.rounds:
     b = cfg.bcd
     blocks = bcd_lib.make_blocks(np.asarray(H), b.block_size, b.partition, b.n_partners, b.seed)
-  lam_rel = cfg.ridge
   Q, trace = base.Q, [base.objective]
   steps = jnp.zeros((d_out,), jnp.int32)
   acc_cd, acc_out = [], []
   for _ in range(cfg.rounds):
     Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, blocks, cfg)
-    Q, n = _accept_rows(W, H, Q, Q_cd)
-    steps, acc_cd = steps + s.astype(jnp.int32), acc_cd + [n]
+    Q, better = _accept_rows(W, H, Q, Q_cd)
+    steps = steps + jnp.where(better, s, 0).astype(jnp.int32)
+    acc_cd.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
-    Q_out = resolve_outliers(W, H, Q, mask, ridge=lam_rel, fp16=cfg.spqr.fp16_storage)
-    Q, n = _accept_rows(W, H, Q, Q_out)
-    acc_out.append(n)
+    Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge, fp16=cfg.spqr.fp16_storage)
+    Q, better = _accept_rows(W, H, Q, Q_out)
+    acc_out.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
   codes = grids.quantize(Q, grid)
   diagnostics = {

@@ -1,0 +1,45 @@
+"""The shared suite on the Pallas kernels in interpret mode (CPU CI), plus registry checks."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cdquant_jax.kernels.packed_matmul import available_implementations, packed_matmul
+from cdquant_jax.kernels.packed_matmul import select_implementation
+from tests.kernels.packed_matmul.cases import case
+from tests.kernels.packed_matmul.test_base import PackedMatmulSuite
+
+
+class TestPallasTritonInterpret(PackedMatmulSuite):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = True
+
+
+def test_bad_activation_shape_names_the_expected_shape():
+  _, qw = case("w4_g32_f16")
+  with pytest.raises(ValueError, match=r"x must be \[B, d_in=96\]"):
+    packed_matmul(jnp.zeros((2, 95)), qw)
+
+
+def test_unknown_implementation_is_rejected():
+  _, qw = case("w4_g32_f16")
+  with pytest.raises(ValueError, match="unknown packed_matmul implementation 'cuda'"):
+    packed_matmul(jnp.zeros((1, 96)), qw, implementation="cuda")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU fallback")
+def test_without_gpu_auto_falls_back_to_reference_and_native_pallas_explains_why():
+  impl, interpret, why = select_implementation(None, None)
+  assert impl.name == "reference" and not interpret and "no GPU" in why
+  assert "interpret mode" in available_implementations()["pallas_triton"]
+  assert available_implementations(interpret=True)["pallas_triton"] is None
+  with pytest.raises(ValueError, match="cannot run: no GPU"):
+    select_implementation("pallas_triton", interpret=False)
+  impl, interpret, _ = select_implementation("pallas_triton", None)
+  assert impl.name == "pallas_triton" and interpret
+
+
+def test_environment_variable_selects_the_implementation(monkeypatch):
+  monkeypatch.setenv("CDQUANT_PACKED_MATMUL", "reference")
+  impl, _, why = select_implementation(None, None)
+  assert impl.name == "reference" and why == "requested 'reference'"

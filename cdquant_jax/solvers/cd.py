@@ -229,30 +229,37 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
   d_in = W.shape[1]
   cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
+  inv_s = 1.0 / s
   n_trace = max_steps // trace_every + 1
 
   def step(carry):
     (C, G, obj, steps, active), (t, total, trace, drift) = carry
-    target = _values(C, s, z, Q0, frozen) - G * inv_diag
-    cand = grids.codes_of(target, s, z, maxq, flavor)
+    # Best code of every coordinate: nearest to t/s + z = C − g / (H_ii s) (both flavours,
+    # since C is an integer code and t = s (C − z) − g / H_ii).
+    cand = jnp.clip(jnp.round(C - G * inv_diag * inv_s), 0, maxq)
     delta = s * (cand - C)
     if frozen is not None:
       delta = jnp.where(frozen, 0.0, delta)
     gain = delta * (2.0 * G + delta * diag_h)
+    # argmin over columns as two plain reductions (XLA:CPU's variadic argmin is slow).
+    best_gain = jnp.min(gain, axis=1)
+    best = jnp.min(jnp.where(gain == best_gain[:, None], cols, d_in), axis=1)
+    # The chosen move, recomputed from gathered scalars: [rows].
+    pick = lambda A: A[:, 0] if A.shape[1] == 1 else jnp.take_along_axis(A, best[:, None],
+                                                                          axis=1)[:, 0]
+    c_b, g_b, s_b, d_b = pick(C), pick(G), pick(s), diag_h[best]
+    new_b = jnp.clip(jnp.round(c_b - g_b * inv_diag[best] * pick(inv_s)), 0, maxq)
+    delta_b = jnp.where(best_gain < 0, s_b * (new_b - c_b), 0.0)
+    gain_b = delta_b * (2.0 * g_b + delta_b * d_b)
     # A move counts only if its Δ is negative beyond Δ's own rounding error (otherwise float
     # noise can ping-pong a coordinate between two near-equal values forever).
-    key = gain + noise * jnp.abs(delta) * (2.0 * jnp.abs(G) + jnp.abs(delta) * diag_h)
-    # argmin over columns as two plain reductions (XLA:CPU's variadic argmin is slow).
-    best_key = jnp.min(key, axis=1)
-    best = jnp.min(jnp.where(key == best_key[:, None], cols, d_in), axis=1)
-    hit = cols == best[:, None]
-    move = active & (best_key < 0)
-    best_gain = jnp.sum(jnp.where(hit, gain, 0.0), axis=1)
-    moved_by = jnp.where(move, jnp.sum(jnp.where(hit, delta, 0.0), axis=1), 0.0)
-    C = jnp.where(hit & move[:, None], cand, C)
+    allowance = noise * jnp.abs(delta_b) * (2.0 * jnp.abs(g_b) + jnp.abs(delta_b) * d_b)
+    move = active & (gain_b + allowance < 0)
+    C = jnp.where((cols == best[:, None]) & move[:, None], new_b[:, None], C)
+    moved_by = jnp.where(move, delta_b, 0.0)
     # G += δ ⊗ H[i*, :], one gathered row of H per row: [rows, d_in].
     G = G + moved_by[:, None] * jnp.take(H, best, axis=0)
-    gained = jnp.where(move, best_gain, 0.0)
+    gained = jnp.where(move, gain_b, 0.0)
     obj, total = obj + gained, total + jnp.sum(gained)
     steps, active, t = steps + move, move, t + 1
     slot = jnp.where(t % trace_every == 0, jnp.minimum(t // trace_every, n_trace), n_trace)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdquant_jax._numerics import HIGHEST
+from cdquant_jax.quant.qweight import QuantizedWeight
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -27,10 +28,14 @@ def linear(x: jax.Array, p: Params) -> jax.Array:
 
   Args:
     x: [..., d_in] activations.
-    p: {"weight": [d_out, d_in], optional "bias": [d_out]}.
+    p: {"weight": [d_out, d_in] array or a packed QuantizedWeight (then the packed_matmul
+      kernel runs), optional "bias": [d_out]}.
   Returns:
     [..., d_out].
   """
+  if isinstance(p["weight"], QuantizedWeight):
+    from cdquant_jax.kernels.linear import quantized_linear  # pylint: disable=import-outside-toplevel
+    return quantized_linear(x, p["weight"], p.get("bias"))
   # [..., d_in] x [d_out, d_in] -> [..., d_out]
   y = jnp.einsum("...i,oi->...o", x, p["weight"], precision=HIGHEST,
                  preferred_element_type=jnp.float32)

@@ -12,6 +12,7 @@ import jax
 from cdquant_jax.quant.qweight import QuantizedWeight, matmul_reference
 
 
+@jax.jit
 def packed_matmul_reference(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
   """x [B, d_in] (any float dtype) -> f32 [B, d_out] = x @ dequantize(qw)ᵀ, HIGHEST precision."""
   return matmul_reference(x, qw)

@@ -165,18 +165,19 @@ def _store(tables: GroupStats, stats: GroupStats, k: jax.Array) -> GroupStats:
 
 def _quantize_column(w, u_jj, stats: GroupStats, tau_abs, sw: _Sweep):
   """One column: (new value q, code, outlier flag, scaled error (w − q) / U_jj), each [d_out]."""
-  q = dequantize_codes(codes_of(w, stats.scale, stats.zero, sw.maxq, Flavor.SPQR),
-                       stats.scale, stats.zero)
+  code = codes_of(w, stats.scale, stats.zero, sw.maxq, Flavor.SPQR)
+  q = dequantize_codes(code, stats.scale, stats.zero)
   if not sw.detect:
     is_out = jnp.zeros(w.shape, bool)
   else:
     is_out = jnp.square((w - q) / u_jj) > tau_abs
     kept = w
     if sw.stats.fp16_storage:
-      kept = jnp.clip(w, -FP16_MAX, FP16_MAX).astype(jnp.float16).astype(w.dtype)
+      # The packed format stores an outlier as a float16 correction added to the dense value of
+      # its code: keep exactly dense + f16(w − dense), so packing is lossless.
+      kept = q + jnp.clip(w - q, -FP16_MAX, FP16_MAX).astype(jnp.float16).astype(w.dtype)
     q = jnp.where(is_out, kept, q)
-  code = codes_of(q, stats.scale, stats.zero, sw.maxq, Flavor.SPQR).astype(jnp.int32)
-  return q, code, is_out, (w - q) / u_jj
+  return q, code.astype(jnp.int32), is_out, (w - q) / u_jj
 
 
 def _sweep_block(i, carry, U, u, tau_abs, sw: _Sweep):
@@ -281,10 +282,12 @@ def _extras(tables: GroupStats, cfg: SpQRConfig, n_groups: int, g: int) -> dict:
   sc = cfg.stats_config()
   out = {}
   if sc.quantize_scale:
+    out["qq_scale_bits"] = jnp.asarray(cfg.qq_scale_bits, jnp.int32)
     out["scale_codes"] = tables.scale_codes[:, :n_groups]
     out["scale_qq_scale"] = tables.scale_qq_scale[:, :n_groups]
     out["scale_qq_zero"] = tables.scale_qq_zero[:, :n_groups]
   if sc.quantize_zero:
+    out["qq_zero_bits"] = jnp.asarray(cfg.qq_zero_bits, jnp.int32)
     out["zero_codes"] = tables.zero_codes[:, :n_groups]
     out["zero_qq_scale"] = tables.zero_qq_scale[:, :n_groups]
     out["zero_qq_zero"] = tables.zero_qq_zero[:, :n_groups]

@@ -134,6 +134,21 @@ def _resolve_outliers(W, H, Q, mask, lam, *, k: int, fp16: bool):
   return Q.at[rows, idx].set(q_S)
 
 
+def storable_outliers(Q, mask, grid: Grid, *, fp16: bool) -> tuple[jax.Array, jax.Array]:
+  """Outlier values in the packed format's form, and the codes they refer to.
+
+  The format stores an outlier as a float16 correction added to the dense value of its code, so
+  with `fp16` each outlier becomes dense(c) + f16(q − dense(c)) with c its nearest code.
+  Returns (Q [d_out, d_in], codes [d_out, d_in] int32).
+  """
+  codes = grids.quantize(Q, grid)
+  if not fp16:
+    return Q, codes
+  dense = grids.dequantize(codes, grid)
+  delta = jnp.clip(Q - dense, -FP16_MAX, FP16_MAX).astype(jnp.float16).astype(Q.dtype)
+  return jnp.where(mask, dense + delta, Q), codes
+
+
 def resolve_outliers(W, H, Q, mask, *, ridge: float = 1e-6, fp16: bool = False) -> jax.Array:
   """Closed-form outlier values (no acceptance test). W, H, Q, mask as in `_resolve_outliers`."""
   k = int(jnp.max(jnp.sum(mask, axis=1)))
@@ -201,6 +216,7 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
     b = cfg.bcd
     blocks = bcd_lib.make_blocks(np.asarray(H), b.block_size, b.partition, b.n_partners, b.seed)
   Q, trace = base.Q, [base.objective]
+  out_codes = base.codes
   steps = jnp.zeros((d_out,), jnp.int32)
   acc_cd, acc_out = [], []
   for _ in range(cfg.rounds):
@@ -209,11 +225,14 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
     steps = steps + jnp.where(better, s, 0).astype(jnp.int32)
     acc_cd.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
-    Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge, fp16=cfg.spqr.fp16_storage)
+    Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge)
+    Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.spqr.fp16_storage)
     Q, better = _accept_rows(W, H, Q, Q_out)
+    out_codes = jnp.where(better[:, None], codes_out, out_codes)
     acc_out.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
-  codes = grids.quantize(Q, grid)
+  # Non-outliers lie on the grid; outliers keep the code their stored correction refers to.
+  codes = jnp.where(mask, out_codes, grids.quantize(Q, grid))
   diagnostics = {
       **base.diagnostics,
       "spqr_objective": base.objective,

@@ -3,7 +3,8 @@
 Independent of cdquant_jax: it re-implements the SpQR quantizer (quant_groups.Quantizer), the
 leave-one-out screen and SPQRUtil.quantize (algorithms.md 2.1-2.3) with plain Python loops over
 columns, in-place updates and no vectorisation tricks. `fp16_storage` mirrors the project's one
-documented deviation (stored statistics and outlier values rounded to float16 before use).
+documented deviation (stored statistics rounded to float16 before use, outliers stored as the
+dense value of their code plus a float16 correction).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def spqr_reference(W, H, *, bits=3, groupsize=16, qq_scale_bits=3, qq_zero_bits=
       if tau != np.inf:
         out = errors[:, c] ** 2 > tau
         mask[:, c] = out
-        kept = _f16(w) if fp16_storage else w
+        # fp16 storage: an outlier is the dense value of its nearest code plus a float16 correction.
+        kept = q + _f16(w - q) if fp16_storage else w
         q_wo = quantizer.dequantize(quantizer.quantize((w * (1.0 - out))[:, None]))[:, 0]
         q = np.where(out, kept, q_wo)
         errors[:, c] = (w - q) / U[c, c]

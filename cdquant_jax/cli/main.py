@@ -1,4 +1,5 @@
-"""The `cdquant` command: `layer` (one layer problem), `demo` (the offline main job)."""
+"""The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
+layer problem), `demo` (the offline main job)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,21 @@ import argparse
 import logging
 import sys
 
-from cdquant_jax.cli import demo, layer
+from cdquant_jax.cli import demo, evaluate, layer, quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cdquant", description=__doc__)
   parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
   sub = parser.add_subparsers(dest="command", required=True)
+  quantize.add_arguments(sub.add_parser("quantize", help="quantize a model block by block"))
+  evaluate.add_arguments(sub.add_parser("eval", help="perplexity of a (quantized) model"))
   layer.add_arguments(sub.add_parser("layer", help="quantize one layer problem (W, H) npz"))
   demo.add_arguments(sub.add_parser("demo", help="offline main job on the embedded default"))
   return parser
 
 
-COMMANDS = {"layer": layer.run, "demo": demo.run}
+COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run, "demo": demo.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,9 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   start_time = time.perf_counter()
   params = jax.device_get(params)  # host copy; blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
-  fp = checkpoint.fingerprint(run, model, params, calibration_ids)
+  checkpointing = run.checkpoint != "none"
+  fp = checkpoint.fingerprint(run, model, params, calibration_ids) if checkpointing or resume \
+      else None
   state = checkpoint.load_state(out_dir) if resume else None
   baseline = _baseline(run, model, params, tokenizer, progress)
   start_block, records, qweights, saved_acts, seconds_before = 0, [], {}, None, 0.0
@@ -111,7 +113,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
     params = model.set_layer_params(params, i, jax.device_get(layer_params))
     qweights.update(block_qw)
     records = records + block_records
-    if run.checkpoint != "none":
+    if checkpointing:
       state = dict(fingerprint=fp, blocks_done=i + 1, records=records,
                    seconds=seconds_before + time.perf_counter() - start_time)
       checkpoint.save_block(out_dir, i, block_qw, state,

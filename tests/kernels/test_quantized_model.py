@@ -103,3 +103,16 @@ def test_generate_cli_on_a_quantized_model_directory(tiny, quantized_dispatch, t
     assert generate.run(args) == 0
     outputs.append(capsys.readouterr().out.splitlines()[0])
   assert outputs[0] == outputs[1] and len(outputs[0].split()) == 5
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_dequantized(quantized_dispatch, monkeypatch):
+  """SmolLM2-135M with layer 0's seven linears packed (w4 g64), kernel interpreted on CPU."""
+  from tests.models.test_smollm2 import _gguf_path  # skips when the package is missing
+  model, params, tok = registry.load_model(_gguf_path())
+  qparams = quantize_layers(model, params, [0], bits=4, group_size=64)
+  dparams = export.dense_params(qparams)
+  monkeypatch.setenv("CDQUANT_PACKED_MATMUL", "pallas_triton")
+  ids = jnp.asarray([tok.encode("The capital of France is").ids], jnp.int32)
+  forward = jax.jit(model.forward)
+  _assert_close(forward(qparams, ids), forward(dparams, ids), rel=1e-4)

@@ -1,7 +1,7 @@
 """Quantized models: logits through packed_matmul equal those of the dequantized model.
 
-models.layers.linear does not dispatch on QuantizedWeight yet (the lead adds it), so the
-`quantized_dispatch` fixture installs exactly that dispatch for these tests.
+models.layers.linear dispatches a QuantizedWeight to kernels.quantized_linear; the
+`quantized_dispatch` fixture pins exactly that dispatch so these tests do not depend on it.
 """
 
 import argparse

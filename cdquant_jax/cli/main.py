@@ -1,5 +1,5 @@
 """The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
-layer problem), `demo` (the offline main job)."""
+layer problem), `generate` (text from a quantized model), `demo` (the offline main job)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from cdquant_jax.cli import demo, evaluate, layer, quantize
+from cdquant_jax.cli import demo, evaluate, generate, layer, quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,11 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
   quantize.add_arguments(sub.add_parser("quantize", help="quantize a model block by block"))
   evaluate.add_arguments(sub.add_parser("eval", help="perplexity of a (quantized) model"))
   layer.add_arguments(sub.add_parser("layer", help="quantize one layer problem (W, H) npz"))
+  generate.add_arguments(sub.add_parser("generate", help="generate text with a quantized model"))
   demo.add_arguments(sub.add_parser("demo", help="offline main job on the embedded default"))
   return parser
 
 
-COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run, "demo": demo.run}
+COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
+            "generate": generate.run, "demo": demo.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,8 @@ from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib
-from cdquant_jax.solvers.cd import NOISE_ULPS, CDConfig, cd, grid_arrays
+from cdquant_jax.solvers.cd import (NOISE_ULPS, CDConfig, cd, code_values, grid_arrays,
+                                    phase_sizes, take_rows)
 from cdquant_jax.solvers.result import SolveResult
 
 Partition = Literal["correlated", "cyclic", "random"]
@@ -72,6 +73,8 @@ class BCDConfig:
   resync_every: int = 512
   # Seed of the "random" partition.
   seed: int = 0
+  # Smallest row-compaction phase (as in CD); speed only.
+  min_phase_rows: int = 64
 
   def validate(self, d_in: int) -> None:
     self.grid.validate(d_in)
@@ -111,7 +114,7 @@ def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
   Q, diag = refine_bcd(start.W, start.H, start.Q, start.grid, blocks=blocks, radius=cfg.radius,
                        max_steps=math.ceil(cfg.max_steps_factor * d_in),
                        candidates=cfg.candidates, rescan_every=cfg.rescan_every,
-                       resync_every=cfg.resync_every)
+                       resync_every=cfg.resync_every, min_phase_rows=cfg.min_phase_rows)
   inherited = {k: v for k, v in init.diagnostics.items() if k.startswith("init_")}
   diagnostics = {**inherited, "init_objective": init.objective, **diag}
   return init_lib.solve_result(W, H, Q, start.grid, init.perm, diagnostics)
@@ -158,7 +161,8 @@ def neighbourhood(block_size: int, radius: int) -> np.ndarray:
 
 def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
                candidates: int = 32, rescan_every: int = 64, resync_every: int = 512,
-               frozen: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               frozen: jax.Array | None = None,
+               min_phase_rows: int = 64) -> tuple[jax.Array, dict]:
   """Greedy BCD over a FIXED grid from Q0.
 
   Args:
@@ -167,11 +171,12 @@ def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
     grid: the grid.
     blocks: [n_anchors, n_options, k] block table (`make_blocks`).
     radius: neighbourhood radius in codes.
-    max_steps: greedy block steps at most.
+    max_steps: block moves per row at most.
     candidates: anchors kept per row by a scan.
     rescan_every: greedy steps between scans at most.
     resync_every: exact recomputation of G every this many steps.
     frozen: optional [d_out, d_in] bool, coordinates that keep Q0 (dead columns always do).
+    min_phase_rows: smallest row-compaction phase (speed only).
   Returns:
     (Q [d_out, d_in], diagnostics: "codes", "steps" [d_out], "global_steps", "scans",
     "objective_trace" (tracked objective after each scan round; NaN after the end),
@@ -182,54 +187,55 @@ def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
   s, z = grid_arrays(grid, dtype)
   blocks = jnp.asarray(blocks, jnp.int32)
   frozen = None if frozen is None else jnp.asarray(frozen, bool)
-  offsets = jnp.asarray(neighbourhood(blocks.shape[2], radius))
-  return _run(W, H, Q0, s, z, frozen, blocks, offsets, maxq=grid.maxq, flavor=grid.flavor,
+  return _run(W, H, Q0, s, z, frozen, blocks, radius=int(radius), maxq=grid.maxq, flavor=grid.flavor,
               max_steps=int(max_steps), candidates=min(int(candidates), blocks.shape[0]),
-              rescan_every=int(rescan_every), resync_every=int(resync_every))
+              rescan_every=int(rescan_every), resync_every=int(resync_every),
+              sizes=phase_sizes(W.shape[0], min_phase_rows))
 
 
 def _gather_cols(A, idx):
-  """A [rows, d_in] (or [rows, 1]) at block columns idx [P, k] (shared) or [rows, P, k]."""
+  """A [rows, d_in] (or [rows, 1]) at columns idx [P] (shared) or [rows, P] -> [rows, P]."""
   if A.shape[1] == 1:
-    return A[:, :, None]
-  if idx.ndim == 2:
+    return A
+  if idx.ndim == 1:
     return jnp.take(A, idx, axis=1)
-  rows, P, k = idx.shape
-  # [rows, P, k] -> [rows, P·k] for the row-wise gather, and back.
-  return jnp.take_along_axis(A, idx.reshape(rows, P * k), axis=1).reshape(rows, P, k)
+  return jnp.take_along_axis(A, idx, axis=1)
 
 
 def _evaluate(C, G, s, frozen, fixed_col, idx, Hab, offsets, *, maxq, noise):
   """Best joint move of every block idx ([P, k] shared or [rows, P, k] per row).
 
-  Hab: the blocks' Hessians, [P, k, k] (shared) or [rows, P, k, k].
-
-  Returns (key, gain, combo) [rows, P]: key = Δ + its rounding allowance (a move needs key < 0),
-  gain = Δ, combo = index into `offsets` [R, k] of the best candidate.
+  Hab: the blocks' Hessians, [P, k, k] (shared) or [rows, P, k, k]; offsets: [R, k] host array
+  of candidate code offsets (unrolled). Returns (key, gain, combo) [rows, P]: key = Δ + its
+  rounding allowance (a move needs key < 0), gain = Δ, combo = index of the best offset.
   """
   k = idx.shape[-1]
-  g, c, sb = _gather_cols(G, idx), _gather_cols(C, idx), _gather_cols(s, idx)
-  fixed = fixed_col[idx] if frozen is None else fixed_col[idx] | _gather_cols(frozen, idx)
-  Hab = Hab[None] if idx.ndim == 2 else Hab  # a leading broadcast axis when shared
-
-  def combo(r, best):
-    best_key, best_gain, best_r = best
-    delta = jnp.where(fixed, 0.0, sb * (jnp.clip(c + offsets[r], 0, maxq) - c))
-    gain = jnp.sum(2.0 * delta * g, axis=-1)
-    size = jnp.sum(2.0 * jnp.abs(delta * g), axis=-1)
+  # Per block coordinate a: [rows, P] (or broadcastable) arrays, contiguous for fusion.
+  col = [idx[..., a] for a in range(k)]
+  g = [_gather_cols(G, c) for c in col]
+  c = [_gather_cols(C, c_) for c_ in col]
+  sc = [_gather_cols(s, c_) for c_ in col]
+  fixed = [fixed_col[c_] if frozen is None else fixed_col[c_] | _gather_cols(frozen, c_)
+           for c_ in col]
+  h = [[Hab[..., a, b] for b in range(k)] for a in range(k)]
+  best_key = best_gain = best_r = None
+  for r, offset in enumerate(np.asarray(offsets)):
+    delta = [jnp.where(fixed[a], 0.0, sc[a] * (jnp.clip(c[a] + int(offset[a]), 0, maxq) - c[a]))
+             for a in range(k)]
+    gain = sum(2.0 * delta[a] * g[a] for a in range(k))
+    size = sum(2.0 * jnp.abs(delta[a] * g[a]) for a in range(k))
     for a in range(k):
       for b in range(k):
-        term = delta[..., a] * Hab[..., a, b] * delta[..., b]
+        term = delta[a] * h[a][b] * delta[b]
         gain, size = gain + term, size + jnp.abs(term)
     key = gain + noise * size
-    better = key < best_key
-    return (jnp.where(better, key, best_key), jnp.where(better, gain, best_gain),
-            jnp.where(better, r, best_r))
-
-  shape = g.shape[:-1]
-  init = (jnp.full(shape, jnp.inf, G.dtype), jnp.zeros(shape, G.dtype),
-          jnp.zeros(shape, jnp.int32))
-  return jax.lax.fori_loop(0, offsets.shape[0], combo, init)
+    if best_key is None:
+      best_key, best_gain, best_r = key, gain, jnp.zeros(key.shape, jnp.int32)
+    else:
+      better = key < best_key
+      best_key, best_gain = jnp.where(better, key, best_key), jnp.where(better, gain, best_gain)
+      best_r = jnp.where(better, r, best_r)
+  return best_key, best_gain, best_r
 
 
 def _argmin_rows(x):
@@ -239,48 +245,84 @@ def _argmin_rows(x):
   return best, jnp.min(jnp.where(x == best[:, None], cols, x.shape[1]), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("maxq", "flavor", "max_steps", "candidates",
-                                             "rescan_every", "resync_every"))
-def _run(W, H, Q0, s, z, frozen, blocks, offsets, *, maxq, flavor, max_steps, candidates,
-         rescan_every, resync_every):
-  """Scan / greedy-step loop of `refine_bcd`."""
-  d_out, d_in = W.shape
-  n_anchors, n_opt, k = blocks.shape
+@functools.partial(jax.jit, static_argnames=("radius", "maxq", "flavor", "max_steps",
+                                             "candidates", "rescan_every", "resync_every",
+                                             "sizes"))
+def _run(W, H, Q0, s, z, frozen, blocks, *, radius, maxq, flavor, max_steps, candidates,
+         rescan_every, resync_every, sizes):
+  """Phased scan / greedy-step loop of `refine_bcd` (phases as in `cd`: the rows not done yet
+  are gathered into arrays of `sizes[k]` rows)."""
+  d_out = W.shape[0]
+  offsets = neighbourhood(blocks.shape[2], radius)
   diag_h = jnp.diag(H)
+  # Block Hessians H_SS of every block: [n_anchors, n_opt, k, k].
+  block_H = H[blocks[..., :, None], blocks[..., None, :]]
+  kept = None if frozen is None else Q0  # values of the frozen coordinates
+  C = grids.codes_of(Q0, s, z, maxq, flavor)
+  E = code_values(C, s, z, kept, frozen) - W
+  G = hdot(E, H)
+  obj = jnp.sum(E * G, axis=1)
+  steps, done = jnp.zeros((d_out,), jnp.int32), jnp.zeros((d_out,), bool)
+  trace = jnp.full((max_steps + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
+  glob = (jnp.int32(0), jnp.sum(obj), jnp.zeros((), W.dtype), jnp.int32(0), trace)
+  static = dict(H=H, diag_h=diag_h, blocks=blocks, block_H=block_H, offsets=offsets, maxq=maxq,
+                max_steps=max_steps, candidates=candidates, rescan_every=rescan_every,
+                resync_every=resync_every)
+  for k, rows in enumerate(sizes):
+    handover = sizes[k + 1] if k + 1 < len(sizes) else 0
+    # Rows not done first; the previous phase ended with at most `rows` of them.
+    idx = None if rows == d_out else jnp.argsort(done, stable=True)[:rows]
+    sub = tuple(take_rows(x, idx) for x in (C, G, obj, steps, done))
+    consts = tuple(None if x is None else take_rows(x, idx) for x in (W, s, z, kept, frozen))
+    outside = glob[1] - jnp.sum(sub[2])
+    sub, glob = _phase(sub, glob, consts, outside, handover=handover, **static)
+    if idx is None:
+      C, G, obj, steps, done = sub
+    else:
+      C, G, obj, steps, done = (x.at[idx].set(y) for x, y in zip((C, G, obj, steps, done), sub))
+
+  t, tracked, drift, scans, trace = glob
+  Q = code_values(C, s, z, kept, frozen)
+  E = Q - W
+  exact = jnp.sum(hdot(E, H) * E)
+  drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
+  return Q, dict(codes=C.astype(jnp.int32), steps=steps, global_steps=t, scans=scans,
+                 objective_trace=trace[:-1], tracked_objective=tracked,
+                 recomputed_objective=exact, max_resync_drift=drift)
+
+
+def _phase(sub, glob, consts, outside, *, H, diag_h, blocks, block_H, offsets, maxq, max_steps,
+           candidates, rescan_every, resync_every, handover):
+  """Rounds of (scan, greedy steps) on gathered rows until at most `handover` are not done."""
+  W, s, z, kept, frozen = consts
+  rows, d_in = W.shape
+  n_anchors, n_opt, k = blocks.shape
   fixed_col = diag_h == 0  # dead columns never move
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
   cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
-  rows = jnp.arange(d_out)
-  kept = Q0
-
-  def values(C):
-    Q = grids.dequantize_codes(C, s, z)
-    return Q if frozen is None else jnp.where(frozen, kept, Q)
-
+  row_ids = jnp.arange(rows)
   evaluate = functools.partial(_evaluate, s=s, frozen=frozen, fixed_col=fixed_col,
                                offsets=offsets, maxq=maxq, noise=noise)
-  # Block Hessians H_SS of every block: [n_anchors, n_opt, k, k].
-  block_H = H[blocks[..., :, None], blocks[..., None, :]]
 
   def scan(C, G):
     """Exact best key of every anchor (over its options) → top `candidates` anchors per row."""
     def option(o, best):
       key, _, _ = evaluate(C, G, idx=blocks[:, o, :], Hab=block_H[:, o])
       return jnp.minimum(best, key)
-    best = jax.lax.fori_loop(0, n_opt, option, jnp.full((d_out, n_anchors), jnp.inf, G.dtype))
+    best = jax.lax.fori_loop(0, n_opt, option, jnp.full((rows, n_anchors), jnp.inf, G.dtype))
     _, cand = jax.lax.top_k(-best, candidates)
     return cand, jnp.min(best, axis=1) < 0
 
   def step(state):
-    C, G, obj, steps, active, cand, t, inner, total, drift = state
+    (C, G, obj, steps, active, cand, inner), (t, total, drift, scans, trace) = state
     # [rows, candidates, n_opt, k] -> [rows, candidates·n_opt, k]
-    idx = blocks[cand].reshape(d_out, candidates * n_opt, k)
-    Hab = block_H[cand].reshape(d_out, candidates * n_opt, k, k)
+    idx = blocks[cand].reshape(rows, candidates * n_opt, k)
+    Hab = block_H[cand].reshape(rows, candidates * n_opt, k, k)
     key, gain, combo = evaluate(C, G, idx=idx, Hab=Hab)
     best_key, b = _argmin_rows(key)
     move = active & (best_key < 0)
-    S = idx[rows, b]  # [rows, k]
-    off = offsets[combo[rows, b]]  # [rows, k]
+    S = idx[row_ids, b]  # [rows, k]
+    off = jnp.asarray(offsets)[combo[row_ids, b]]  # [rows, k]
     c_S = jnp.take_along_axis(C, S, axis=1)
     fixed = fixed_col[S] if frozen is None else fixed_col[S] | jnp.take_along_axis(frozen, S, 1)
     new = jnp.where(fixed | ~move[:, None], c_S, jnp.clip(c_S + off, 0, maxq))
@@ -290,53 +332,43 @@ def _run(W, H, Q0, s, z, frozen, blocks, offsets, *, maxq, flavor, max_steps, ca
       C = jnp.where(cols == S[:, a:a + 1], new[:, a:a + 1], C)
       # G += δ_a ⊗ H[S_a, :], one gathered row of H per row.
       G = G + delta[:, a:a + 1] * jnp.take(H, S[:, a], axis=0)
-    gained = jnp.where(move, gain[rows, b], 0.0)
-    obj, total, t = obj + gained, total + jnp.sum(gained), t + 1
-    state = (C, G, obj, steps + move, move, cand, t, inner + 1, total, drift)
+    gained = jnp.where(move, gain[row_ids, b], 0.0)
+    obj, total, t, steps = obj + gained, total + jnp.sum(gained), t + 1, steps + move
+    state = ((C, G, obj, steps, move & (steps < max_steps), cand, inner + 1),
+             (t, total, drift, scans, trace))
     return jax.lax.cond(t % resync_every == 0, resync, lambda x: x, state)
 
   def resync(state):
-    C, G, obj, steps, active, cand, t, inner, total, drift = state
-    E = values(C) - W
+    (C, G, obj, steps, active, cand, inner), (t, total, drift, scans, trace) = state
+    E = code_values(C, s, z, kept, frozen) - W
     G = hdot(E, H)
     obj = jnp.sum(E * G, axis=1)
-    exact = jnp.sum(obj)
+    exact = outside + jnp.sum(obj)
     drift = jnp.maximum(drift, jnp.abs(total - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-    return C, G, obj, steps, active, cand, t, inner, exact, drift
+    return (C, G, obj, steps, active, cand, inner), (t, exact, drift, scans, trace)
 
   def inner_cond(state):
-    active, t, inner = state[4], state[6], state[7]
-    return jnp.any(active) & (inner < rescan_every) & (t < max_steps)
+    (_, _, _, _, active, _, inner), _ = state
+    return jnp.any(active) & (inner < rescan_every)
 
-  def round_(outer):
-    C, G, obj, steps, t, total, drift, scans, done, trace = outer
+  def round_(state):
+    (C, G, obj, steps, done), (t, total, drift, scans, trace) = state
     cand, improvable = scan(C, G)
-    state = (C, G, obj, steps, improvable, cand, t, jnp.int32(0), total, drift)
-    C, G, obj, steps, _, _, t, _, total, drift = jax.lax.while_loop(inner_cond, step, state)
+    done = ~improvable | (steps >= max_steps)
+    inner = ((C, G, obj, steps, ~done, cand, jnp.int32(0)), (t, total, drift, scans, trace))
+    (C, G, obj, steps, _, _, _), (t, total, drift, scans, trace) = jax.lax.while_loop(
+        inner_cond, step, inner)
     scans = scans + 1
     trace = trace.at[jnp.minimum(scans, trace.shape[0] - 1)].set(total)
-    return C, G, obj, steps, t, total, drift, scans, ~jnp.any(improvable), trace
+    return (C, G, obj, steps, done), (t, total, drift, scans, trace)
 
-  def outer_cond(outer):
-    t, done = outer[4], outer[8]
-    return ~done & (t < max_steps)
+  def cond(state):
+    (_, _, _, _, done), (_, _, _, scans, _) = state
+    # Every round moves each row that is not done, so rounds <= max_steps (a safety bound).
+    return (jnp.sum(~done) > handover) & (scans < max_steps + 1)
 
-  C = grids.codes_of(Q0, s, z, maxq, flavor)
-  E = values(C) - W
-  G = hdot(E, H)
-  obj = jnp.sum(E * G, axis=1)
-  trace = jnp.full((max_steps + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
-  outer = (C, G, obj, jnp.zeros((d_out,), jnp.int32), jnp.int32(0), jnp.sum(obj),
-           jnp.zeros((), W.dtype), jnp.int32(0), jnp.bool_(False), trace)
-  C, G, obj, steps, t, tracked, drift, scans, _, trace = jax.lax.while_loop(outer_cond, round_,
-                                                                           outer)
-  Q = values(C)
-  E = Q - W
-  exact = jnp.sum(hdot(E, H) * E)
-  drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-  return Q, dict(codes=C.astype(jnp.int32), steps=steps, global_steps=t, scans=scans,
-                 objective_trace=trace[:-1], tracked_objective=tracked,
-                 recomputed_objective=exact, max_resync_drift=drift)
+  # Rows enter not done (a scan decides); rows gathered as padding are done already.
+  return jax.lax.while_loop(cond, round_, (sub, glob))
 
 
 def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
@@ -357,6 +389,5 @@ def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
   G = hdot(grids.dequantize_codes(C, s, z) - W, H)
   Hab = H[blocks[:, :, None], blocks[:, None, :]]
   _, gain, _ = _evaluate(C, G, s, None, jnp.diag(H) == 0, blocks, Hab,
-                         jnp.asarray(neighbourhood(blocks.shape[1], radius)), maxq=grid.maxq,
-                         noise=0.0)
+                         neighbourhood(blocks.shape[1], radius), maxq=grid.maxq, noise=0.0)
   return gain

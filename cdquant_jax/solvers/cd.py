@@ -166,13 +166,14 @@ def refine_greedy(W, H, Q0, grid: Grid, *, max_steps: int, resync_every: int,
                  trace_every=int(trace_every), sizes=phase_sizes(d_out, min_phase_rows))
 
 
-def _values(C, s, z, Q0, frozen):
+def code_values(C, s, z, Q0, frozen):
   """Weights of codes C [rows, d_in] (frozen coordinates keep Q0)."""
   Q = grids.dequantize_codes(C, s, z)
   return Q if frozen is None else jnp.where(frozen, Q0, Q)
 
 
-def _take_rows(x, idx):
+def take_rows(x, idx):
+  """Rows idx of x (all of x when idx is None or x is a row-broadcast [1, ...] array)."""
   return x if idx is None or x.shape[0] == 1 else jnp.take(x, idx, axis=0)
 
 
@@ -186,7 +187,7 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
   inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
   # State: float codes C (exact integers; the values are s·(C − z)), so "no move" is exact.
   C = grids.codes_of(Q0, s, z, maxq, flavor)
-  E0 = _values(C, s, z, Q0, frozen) - W
+  E0 = code_values(C, s, z, Q0, frozen) - W
   G = hdot(E0, H)
   obj = jnp.sum(E0 * G, axis=1)
   steps, active = jnp.zeros((d_out,), jnp.int32), jnp.ones((d_out,), bool)
@@ -199,8 +200,8 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
     handover = sizes[k + 1] if k + 1 < len(sizes) else 0
     # Active rows first; the previous phase ended with at most `rows` of them.
     idx = None if rows == d_out else jnp.argsort(~active, stable=True)[:rows]
-    sub = tuple(_take_rows(x, idx) for x in (C, G, obj, steps, active))
-    consts = tuple(None if x is None else _take_rows(x, idx) for x in (W, s, z, kept, frozen))
+    sub = tuple(take_rows(x, idx) for x in (C, G, obj, steps, active))
+    consts = tuple(None if x is None else take_rows(x, idx) for x in (W, s, z, kept, frozen))
     outside = glob[1] - jnp.sum(sub[2])
     sub, glob = _phase(sub, glob, consts, H, diag_h, inv_diag, outside, maxq=maxq,
                        flavor=flavor, max_steps=max_steps, resync_every=resync_every,
@@ -212,7 +213,7 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
                                                                       sub))
 
   t, tracked, trace, drift = glob
-  Q = _values(C, s, z, Q0, frozen)
+  Q = code_values(C, s, z, Q0, frozen)
   E = Q - W
   exact = jnp.sum(hdot(E, H) * E)
   drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
@@ -269,7 +270,7 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
 
   def resync(carry):
     (C, G, obj, steps, active), (t, total, trace, drift) = carry
-    E = _values(C, s, z, Q0, frozen) - W
+    E = code_values(C, s, z, Q0, frozen) - W
     G = hdot(E, H)
     obj = jnp.sum(E * G, axis=1)
     exact = outside + jnp.sum(obj)

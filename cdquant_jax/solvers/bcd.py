@@ -66,9 +66,9 @@ class BCDConfig:
   # Block-move budget per row = ceil(factor · d_in) greedy steps.
   max_steps_factor: float = 0.5
   # Anchors kept per row by a scan.
-  candidates: int = 32
+  candidates: int = 16
   # Greedy steps between two scans at most.
-  rescan_every: int = 64
+  rescan_every: int = 32
   # Exact recomputation of G every this many steps.
   resync_every: int = 512
   # Seed of the "random" partition.
@@ -160,7 +160,7 @@ def neighbourhood(block_size: int, radius: int) -> np.ndarray:
 
 
 def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
-               candidates: int = 32, rescan_every: int = 64, resync_every: int = 512,
+               candidates: int = 16, rescan_every: int = 32, resync_every: int = 512,
                frozen: jax.Array | None = None,
                min_phase_rows: int = 64) -> tuple[jax.Array, dict]:
   """Greedy BCD over a FIXED grid from Q0.
@@ -193,31 +193,52 @@ def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
               sizes=phase_sizes(W.shape[0], min_phase_rows))
 
 
-def _gather_cols(A, idx):
-  """A [rows, d_in] (or [rows, 1]) at columns idx [P] (shared) or [rows, P] -> [rows, P]."""
-  if A.shape[1] == 1:
-    return A
-  if idx.ndim == 1:
-    return jnp.take(A, idx, axis=1)
-  return jnp.take_along_axis(A, idx, axis=1)
+def _gather_shared(CT, GT, sT, frozenT, fixed_col, idx, Hab):
+  """Per-coordinate operands of blocks shared by all rows, in [P, rows] layout.
 
-
-def _evaluate(C, G, s, frozen, fixed_col, idx, Hab, offsets, *, maxq, noise):
-  """Best joint move of every block idx ([P, k] shared or [rows, P, k] per row).
-
-  Hab: the blocks' Hessians, [P, k, k] (shared) or [rows, P, k, k]; offsets: [R, k] host array
-  of candidate code offsets (unrolled). Returns (key, gain, combo) [rows, P]: key = Δ + its
-  rounding allowance (a move needs key < 0), gain = Δ, combo = index of the best offset.
+  CT, GT: [d_in, rows] transposed codes and G (row gathers are contiguous, column gathers are
+  slow on CPU); sT: [d_in, rows] or [1, rows]; frozenT: None or [d_in, rows] bool;
+  idx: [P, k]; Hab: [P, k, k].
   """
   k = idx.shape[-1]
-  # Per block coordinate a: [rows, P] (or broadcastable) arrays, contiguous for fusion.
-  col = [idx[..., a] for a in range(k)]
-  g = [_gather_cols(G, c) for c in col]
-  c = [_gather_cols(C, c_) for c_ in col]
-  sc = [_gather_cols(s, c_) for c_ in col]
-  fixed = [fixed_col[c_] if frozen is None else fixed_col[c_] | _gather_cols(frozen, c_)
-           for c_ in col]
+  take = lambda A, a: A if A.shape[0] == 1 else jnp.take(A, idx[:, a], axis=0)
+  g = [take(GT, a) for a in range(k)]
+  c = [take(CT, a) for a in range(k)]
+  sc = [take(sT, a) for a in range(k)]
+  fixed = [fixed_col[idx[:, a]][:, None] | (False if frozenT is None else take(frozenT, a))
+           for a in range(k)]
+  h = [[Hab[:, a, b][:, None] for b in range(k)] for a in range(k)]
+  # Materialise the gathers once (fused into every candidate's arithmetic they are redone).
+  g, c, sc = jax.lax.optimization_barrier((g, c, sc))
+  return g, c, sc, fixed, h
+
+
+def _gather_rows(C, G, s, frozen, fixed_col, idx, Hab):
+  """Per-coordinate operands of per-row blocks idx [rows, P, k] (Hab [rows, P, k, k]): [rows, P]."""
+  k = idx.shape[-1]
+  take = lambda A, a: A if A.shape[1] == 1 else jnp.take_along_axis(A, idx[..., a], axis=1)
+  g = [take(G, a) for a in range(k)]
+  c = [take(C, a) for a in range(k)]
+  sc = [take(s, a) for a in range(k)]
+  fixed = [fixed_col[idx[..., a]] | (False if frozen is None else take(frozen, a))
+           for a in range(k)]
   h = [[Hab[..., a, b] for b in range(k)] for a in range(k)]
+  g, c, sc = jax.lax.optimization_barrier((g, c, sc))
+  return g, c, sc, fixed, h
+
+
+def _evaluate(g, c, sc, fixed, h, offsets, *, maxq, noise):
+  """Best joint move of blocks from per-coordinate operands (lists over the k coordinates).
+
+  Args:
+    g, c, sc, fixed: k arrays (mutually broadcastable) of g, codes, scales, frozen flags.
+    h: k×k nested list of the block Hessian entries.
+    offsets: [R, k] host array of candidate code offsets (unrolled).
+  Returns:
+    (key, gain, combo): key = Δ + its rounding allowance (a move needs key < 0), gain = Δ,
+    combo = index of the best offset.
+  """
+  k = len(g)
   best_key = best_gain = best_r = None
   for r, offset in enumerate(np.asarray(offsets)):
     delta = [jnp.where(fixed[a], 0.0, sc[a] * (jnp.clip(c[a] + int(offset[a]), 0, maxq) - c[a]))
@@ -301,15 +322,21 @@ def _phase(sub, glob, consts, outside, *, H, diag_h, blocks, block_H, offsets, m
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
   cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
   row_ids = jnp.arange(rows)
-  evaluate = functools.partial(_evaluate, s=s, frozen=frozen, fixed_col=fixed_col,
-                               offsets=offsets, maxq=maxq, noise=noise)
+  evaluate = functools.partial(_evaluate, offsets=offsets, maxq=maxq, noise=noise)
 
   def scan(C, G):
     """Exact best key of every anchor (over its options) → top `candidates` anchors per row."""
+    CT, GT = C.T, G.T
+    sT = s.T  # [1, rows] per channel, else [d_in, rows]
+    frozenT = None if frozen is None else frozen.T
+
     def option(o, best):
-      key, _, _ = evaluate(C, G, idx=blocks[:, o, :], Hab=block_H[:, o])
+      operands = _gather_shared(CT, GT, sT, frozenT, fixed_col, blocks[:, o, :], block_H[:, o])
+      key, _, _ = evaluate(*operands)
       return jnp.minimum(best, key)
-    best = jax.lax.fori_loop(0, n_opt, option, jnp.full((rows, n_anchors), jnp.inf, G.dtype))
+    # [n_anchors, rows] -> [rows, n_anchors]
+    best = jax.lax.fori_loop(0, n_opt, option,
+                             jnp.full((n_anchors, rows), jnp.inf, G.dtype)).T
     _, cand = jax.lax.top_k(-best, candidates)
     return cand, jnp.min(best, axis=1) < 0
 
@@ -318,7 +345,7 @@ def _phase(sub, glob, consts, outside, *, H, diag_h, blocks, block_H, offsets, m
     # [rows, candidates, n_opt, k] -> [rows, candidates·n_opt, k]
     idx = blocks[cand].reshape(rows, candidates * n_opt, k)
     Hab = block_H[cand].reshape(rows, candidates * n_opt, k, k)
-    key, gain, combo = evaluate(C, G, idx=idx, Hab=Hab)
+    key, gain, combo = evaluate(*_gather_rows(C, G, s, frozen, fixed_col, idx, Hab))
     best_key, b = _argmin_rows(key)
     move = active & (best_key < 0)
     S = idx[row_ids, b]  # [rows, k]
@@ -388,6 +415,7 @@ def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
   C = grids.codes_of(Q, s, z, grid.maxq, grid.flavor)
   G = hdot(grids.dequantize_codes(C, s, z) - W, H)
   Hab = H[blocks[:, :, None], blocks[:, None, :]]
-  _, gain, _ = _evaluate(C, G, s, None, jnp.diag(H) == 0, blocks, Hab,
-                         neighbourhood(blocks.shape[1], radius), maxq=grid.maxq, noise=0.0)
-  return gain
+  operands = _gather_shared(C.T, G.T, s.T, None, jnp.diag(H) == 0, blocks, Hab)
+  _, gain, _ = _evaluate(*operands, neighbourhood(blocks.shape[1], radius), maxq=grid.maxq,
+                         noise=0.0)
+  return gain.T

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
   except ValueError:
     print(f"cdquant eval: --path must look like SOURCE=FILE, got {args.path}", file=sys.stderr)
     return EXIT_BAD_INPUT
-  if not os.path.exists(args.model) and args.model != config.SMOLLM2_ALIAS and "/" not in args.model:
+  hub_id = args.model.count("/") == 1 and not args.model.startswith((".", "/"))
+  if not os.path.exists(args.model) and args.model != config.SMOLLM2_ALIAS and not hub_id:
     print(f"cdquant eval: {args.model}: no such model directory or file", file=sys.stderr)
     return EXIT_BAD_INPUT
   model, params, tok, default_seqlen = load_for_eval(args.model, args.dtype)

@@ -115,6 +115,8 @@ def block_outputs(model: CausalLM, layer_params: Params, acts: Activations, laye
   k = kind_index(model, layer_index)
   for h in acts:
     out.append(_forward(model, layer_params, h, k))
+  if out.batches:
+    jax.block_until_ready(out.batches[-1])
   return out
 
 

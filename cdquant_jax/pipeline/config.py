@@ -98,6 +98,9 @@ class QuantSettings:
   (later rules win); include/exclude: module-name regexes (empty include = every block linear).
   spqr_lossy_outliers: pack SpQR outliers whose correction is not exactly a float16 (the
   exported and in-memory models then both use the packed, rounded outliers).
+  true_sequential: re-capture the Hessians after each group of the block (GPTQ
+  --true-sequential); False captures every linear's input once from the block with only the
+  previous blocks quantized (fewer forwards: 2 per block instead of one per group + 1).
   """
 
   method: str = "gptq"
@@ -107,6 +110,7 @@ class QuantSettings:
   include: tuple[str, ...] = ()
   exclude: tuple[str, ...] = ()
   spqr_lossy_outliers: bool = True
+  true_sequential: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,16 @@ Params = dict[str, Any]
 Path = tuple[str, ...]
 
 
+class Timer:
+  """Wall seconds per pipeline phase (this process only; a resumed run counts its own)."""
+
+  def __init__(self):
+    self.totals: dict[str, float] = {}
+
+  def add(self, key: str, start: float) -> None:
+    self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - start
+
+
 class QuantizedRun:
   """What `quantize_loaded` returns: metrics, dense quantized params, packed weights, log."""
 
@@ -98,7 +108,10 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
       log.warning("resume: no checkpoint in %s; starting from block 0", out_dir)
     checkpoint.clear(out_dir)
 
+  timer = Timer()
+  start = time.perf_counter()
   acts = _initial_activations(run, model, params, calibration_ids, start_block, saved_acts)
+  timer.add("embed_or_replay_seconds", start)
   bar = runlog.Progress(model.num_layers, start_block, progress)
   sharing: dict[int, list[list[Path]]] = {}
   for i in range(start_block, model.num_layers):
@@ -108,24 +121,28 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
       sharing[kind] = capture.shared_input_classes(model, layer_params, next(iter(acts)).shape,
                                                    next(iter(acts)).dtype, kind)
     layer_params, block_qw, block_records = quantize_block(
-        run, model, layer_params, acts, i, sharing[kind], len(calibration_ids), bar)
+        run, model, layer_params, acts, i, sharing[kind], len(calibration_ids), bar, timer)
+    start = time.perf_counter()
     acts = capture.block_outputs(model, layer_params, acts, i)
+    timer.add("propagate_seconds", start)
     params = model.set_layer_params(params, i, jax.device_get(layer_params))
     qweights.update(block_qw)
     records = records + block_records
+    start = time.perf_counter()
     if checkpointing:
       state = dict(fingerprint=fp, blocks_done=i + 1, records=records,
                    seconds=seconds_before + time.perf_counter() - start_time)
       checkpoint.save_block(out_dir, i, block_qw, state,
                             acts.stacked() if run.checkpoint == "activations" else None)
     runlog.write_log(out_dir, records)
+    timer.add("checkpoint_seconds", start)
     bar.advance()
     if after_block is not None:
       after_block(i)
   bar.close()
   quant_seconds = seconds_before + time.perf_counter() - start_time
   metrics = _finish(run, model, params, qweights, records, tokenizer, quant_seconds, progress,
-                    baseline)
+                    baseline, timer)
   checkpoint.clear(out_dir)
   return QuantizedRun(metrics, params, qweights, records)
 
@@ -167,13 +184,16 @@ def _with_quantized(model, params: Params, qweights: dict) -> Params:
 
 def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations,
                    layer_index: int, classes: list[list[Path]], nsamples: int,
-                   bar: runlog.Progress) -> tuple[Params, dict, list[dict]]:
+                   bar: runlog.Progress, timer: "Timer") -> tuple[Params, dict, list[dict]]:
   """Quantizes every included linear of one block, group by group (see the module docstring).
 
   Returns (block params with dequantized weights, {module: QuantizedWeight}, log records).
   """
   qweights, records = {}, []
-  for group in model.block_linears():
+  groups = model.block_linears()
+  if not run.quant.true_sequential:
+    groups = [[path for group in groups for path in group]]
+  for group in groups:
     names = {p: module_name(layer_index, p) for p in group}
     names = {p: n for p, n in names.items() if is_included(run.quant, n)}
     if not names:
@@ -182,11 +202,15 @@ def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Ac
     rep_of = {p: next(q for q in cls if q in names) for cls in classes for p in cls if p in names}
     reps = {rep_of[p]: names[rep_of[p]] for p in names}
     bar.status(f"block {layer_index}: H of {', '.join(p[-1] for p in reps)}")
+    start = time.perf_counter()
     hessians = capture.group_hessians(model, layer_params, acts, layer_index, reps)
+    timer.add("capture_hessian_seconds", start)
     for path, name in names.items():
       bar.status(f"block {layer_index}: {path[-1]}")
+      start = time.perf_counter()
       layer_params, qw, record = quantize_linear(run, layer_params, path, name,
                                                  hessians[rep_of[path]])
+      timer.add("solve_pack_seconds", start)
       qweights[name] = qw
       records.append({**record, "layer": layer_index, "nsamples": nsamples})
   return layer_params, qweights, records
@@ -233,12 +257,13 @@ def summarize(records: list[dict]) -> dict:
 
 
 def _finish(run, model, params, qweights, records, tokenizer, quant_seconds, progress,
-            baseline) -> dict:
+            baseline, timer) -> dict:
   """Evaluates (if configured), writes the model directory and metrics.json."""
   metrics = dict(summary=summarize(records), quantized_modules=sorted(qweights))
   if baseline is not None:
     metrics["baseline_perplexity"] = baseline
-  timing = dict(quantize_seconds=round(quant_seconds, 3))
+  timing = dict(quantize_seconds=round(quant_seconds, 3),
+                **{k: round(v, 3) for k, v in timer.totals.items()})
   default_seqlen = run.calibration.seqlen
   if run.eval.sources:
     start = time.perf_counter()
@@ -246,9 +271,11 @@ def _finish(run, model, params, qweights, records, tokenizer, quant_seconds, pro
                                                         default_seqlen=default_seqlen,
                                                         progress=progress)
     timing["eval_seconds"] = round(time.perf_counter() - start, 3)
-  metrics["timing"] = timing
-  metrics["memory"] = memory.memory_report()
+  start = time.perf_counter()
   export.write_model_dir(run.output_dir, model, params, qweights, tokenizer=tokenizer,
                          run_config=run, extra=dict(run_config=config_lib.to_dict(run)))
+  timing["export_seconds"] = round(time.perf_counter() - start, 3)
+  metrics["timing"] = timing
+  metrics["memory"] = memory.memory_report()
   io_utils.atomic_write_json(os.path.join(run.output_dir, export.METRICS_FILE), metrics)
   return metrics

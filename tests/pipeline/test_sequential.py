@@ -209,3 +209,17 @@ def test_resume_refuses_changed_config_or_data(tiny, tmp_path):
   other = jax.tree.map(lambda x: x * 1.5, params)
   with pytest.raises(checkpoint.ResumeError, match="model parameters"):
     quantize_loaded(run, model, other, calib, progress=False, resume=True)
+
+
+def test_without_true_sequential_all_hessians_come_from_the_unquantized_block(tiny, tmp_path):
+  model, params, calib, _ = tiny
+  run = _run_config(tmp_path, "flat", true_sequential=False)
+  records = {r["module"]: r for r in quantize_loaded(run, model, params, calib,
+                                                     progress=False).records}
+  inputs = _block0_inputs(model, params, model.layer_params(params, 0), calib)
+  cfg = api.apply_knobs(api.default_config("gptq"), dict(bits=3, group_size=16))
+  for path in (("mlp", "down_proj"), ("self_attn", "o_proj")):
+    W = get_path(model.layer_params(params, 0), path)["weight"]
+    direct = api.solve("gptq", W, hessian_from_inputs(inputs[path]), cfg).objective
+    np.testing.assert_allclose(records["layers.0." + ".".join(path)]["objective"],
+                               float(direct), rtol=1e-4)

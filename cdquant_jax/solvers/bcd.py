@@ -121,7 +121,10 @@ def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
 
 
 def correlation_partners(H: np.ndarray, n_partners: int) -> np.ndarray:
-  """[d_in, n_partners] int32: each column's most correlated other columns (|H_ij|/√(H_ii H_jj))."""
+  """[d_in, n_partners] int32: each column's most correlated other columns.
+
+  Correlation |H_ij| / sqrt(H_ii H_jj); dead columns (H_ii = 0) correlate with nothing.
+  """
   d = np.sqrt(np.maximum(np.diag(H), 0.0))
   safe = np.where(d > 0, d, 1.0)
   corr = np.abs(H) / safe[:, None] / safe[None, :]
@@ -187,9 +190,10 @@ def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
   s, z = grid_arrays(grid, dtype)
   blocks = jnp.asarray(blocks, jnp.int32)
   frozen = None if frozen is None else jnp.asarray(frozen, bool)
-  return _run(W, H, Q0, s, z, frozen, blocks, radius=int(radius), maxq=grid.maxq, flavor=grid.flavor,
-              max_steps=int(max_steps), candidates=min(int(candidates), blocks.shape[0]),
-              rescan_every=int(rescan_every), resync_every=int(resync_every),
+  return _run(W, H, Q0, s, z, frozen, blocks, radius=int(radius), maxq=grid.maxq,
+              flavor=grid.flavor, max_steps=int(max_steps),
+              candidates=min(int(candidates), blocks.shape[0]), rescan_every=int(rescan_every),
+              resync_every=int(resync_every),
               sizes=phase_sizes(W.shape[0], min_phase_rows))
 
 

@@ -7,11 +7,12 @@ by δ changes the row's objective by exactly
 
 a parabola in δ, so the best grid value of coordinate i is the grid point nearest to
 t_i = q_i − g_i / H_ii. Each greedy step applies, in every row at once, the coordinate with the
-most negative Δ_i; a row whose best Δ_i is ≥ 0 is 1-opt and stops for good (a move must beat
-Δ's own rounding error, `NOISE_ULPS`; there is no relative threshold, see algorithms.md 7) (rows are
-independent and nothing else changes its g). G is updated with one gathered row of H per row,
-so a step costs O(d_out · d_in), and re-synchronised exactly (one matmul) every
-`resync_every` steps and at the end.
+most negative Δ_i; a row whose best Δ_i is ≥ 0 is 1-opt and stops for good (rows are
+independent and nothing else changes its g). The stop rule is Δ < 0, with no relative threshold
+(algorithms.md 7); a move only has to beat the rounding error of its own Δ (`NOISE_ULPS`).
+G is updated with one gathered row of H per row, so a step costs O(d_out · d_in), and is
+re-synchronised exactly (one matmul) every `resync_every` steps and at the end. The state is
+the integer codes (as floats), so "no move" is exact and Q is always on the grid.
 
 Speed: rows converge at very different speeds (a few % of d_in moves on average, a long tail).
 The loop therefore runs in *phases*: phase k works on the `rows_k` rows that are still active
@@ -168,7 +169,7 @@ def refine_greedy(W, H, Q0, grid: Grid, *, max_steps: int, resync_every: int,
 
 def code_values(C, s, z, Q0, frozen):
   """Weights of codes C [rows, d_in] (frozen coordinates keep Q0)."""
-  Q = grids.dequantize_codes(C, s, z)
+  Q = grids.dequantize_codes(C.astype(s.dtype), s, z)
   return Q if frozen is None else jnp.where(frozen, Q0, Q)
 
 
@@ -185,8 +186,9 @@ def _greedy(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, max_steps: int
   d_out, d_in = W.shape
   diag_h = jnp.diag(H)
   inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
-  # State: float codes C (exact integers; the values are s·(C − z)), so "no move" is exact.
-  C = grids.codes_of(Q0, s, z, maxq, flavor)
+  # State: integer codes C as uint8 (bits <= 8; the values are s·(C − z)): "no move" is exact
+  # and a quarter of the memory traffic of f32.
+  C = grids.codes_of(Q0, s, z, maxq, flavor).astype(jnp.uint8)
   E0 = code_values(C, s, z, Q0, frozen) - W
   G = hdot(E0, H)
   obj = jnp.sum(E0 * G, axis=1)
@@ -232,23 +234,49 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
   inv_s = 1.0 / s
   n_trace = max_steps // trace_every + 1
+  # Column chunk of the two-level argmin (0: plain two-pass argmin).
+  chunk = next((c for c in (128, 64, 32, 16) if d_in % c == 0 and d_in > c), 0)
+
+  def gains(C, G, inv_d, d, s_, inv_s_, frozen_):
+    """Δ of moving each coordinate to its best code (broadcastable [rows, cols] operands)."""
+    C = C.astype(G.dtype)
+    # Best code: nearest to t/s + z = C − g / (H_ii s) (both flavours, since C is an integer
+    # code and t = s (C − z) − g / H_ii).
+    cand = jnp.clip(jnp.round(C - G * inv_d * inv_s_), 0, maxq)
+    delta = s_ * (cand - C)
+    if frozen_ is not None:
+      delta = jnp.where(frozen_, 0.0, delta)
+    return delta * (2.0 * G + delta * d)
+
+  def argmin_rows(C, G):
+    """(min Δ, first column reaching it) per row, as plain reductions (XLA:CPU's variadic
+    argmin is slow). With column chunks of K: one full pass for the chunk minima, then the
+    winning chunk is recomputed from gathered [rows, K] operands."""
+    gain = gains(C, G, inv_diag, diag_h, s, inv_s, frozen)
+    if not chunk:
+      best_gain = jnp.min(gain, axis=1)
+      return best_gain, jnp.min(jnp.where(gain == best_gain[:, None], cols, d_in), axis=1)
+    # [rows, d_in] -> [rows, d_in / K, K]
+    chunk_min = jnp.min(gain.reshape(gain.shape[0], d_in // chunk, chunk), axis=2)
+    best_gain = jnp.min(chunk_min, axis=1)
+    n_chunks = d_in // chunk
+    first = jnp.min(jnp.where(chunk_min == best_gain[:, None],
+                              jnp.arange(n_chunks, dtype=jnp.int32)[None, :], n_chunks), axis=1)
+    idx = jnp.minimum(first, n_chunks - 1)[:, None] * chunk + jnp.arange(chunk)[None, :]
+    take = lambda A: A if A.shape[1] == 1 else jnp.take_along_axis(A, idx, axis=1)
+    part = gains(take(C), take(G), inv_diag[idx], diag_h[idx], take(s), take(inv_s),
+                 None if frozen is None else take(frozen))
+    j = jnp.min(jnp.where(part == jnp.min(part, axis=1)[:, None],
+                          jnp.arange(chunk, dtype=jnp.int32)[None, :], chunk - 1), axis=1)
+    return best_gain, jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0]
 
   def step(carry):
     (C, G, obj, steps, active), (t, total, trace, drift) = carry
-    # Best code of every coordinate: nearest to t/s + z = C − g / (H_ii s) (both flavours,
-    # since C is an integer code and t = s (C − z) − g / H_ii).
-    cand = jnp.clip(jnp.round(C - G * inv_diag * inv_s), 0, maxq)
-    delta = s * (cand - C)
-    if frozen is not None:
-      delta = jnp.where(frozen, 0.0, delta)
-    gain = delta * (2.0 * G + delta * diag_h)
-    # argmin over columns as two plain reductions (XLA:CPU's variadic argmin is slow).
-    best_gain = jnp.min(gain, axis=1)
-    best = jnp.min(jnp.where(gain == best_gain[:, None], cols, d_in), axis=1)
+    best_gain, best = argmin_rows(C, G)
     # The chosen move, recomputed from gathered scalars: [rows].
     pick = lambda A: A[:, 0] if A.shape[1] == 1 else jnp.take_along_axis(A, best[:, None],
                                                                           axis=1)[:, 0]
-    c_b, g_b, s_b, d_b = pick(C), pick(G), pick(s), diag_h[best]
+    c_b, g_b, s_b, d_b = pick(C).astype(G.dtype), pick(G), pick(s), diag_h[best]
     new_b = jnp.clip(jnp.round(c_b - g_b * inv_diag[best] * pick(inv_s)), 0, maxq)
     delta_b = jnp.where(best_gain < 0, s_b * (new_b - c_b), 0.0)
     gain_b = delta_b * (2.0 * g_b + delta_b * d_b)
@@ -256,7 +284,7 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
     # noise can ping-pong a coordinate between two near-equal values forever).
     allowance = noise * jnp.abs(delta_b) * (2.0 * jnp.abs(g_b) + jnp.abs(delta_b) * d_b)
     move = active & (gain_b + allowance < 0)
-    C = jnp.where((cols == best[:, None]) & move[:, None], new_b[:, None], C)
+    C = jnp.where((cols == best[:, None]) & move[:, None], new_b[:, None].astype(C.dtype), C)
     moved_by = jnp.where(move, delta_b, 0.0)
     # G += δ ⊗ H[i*, :], one gathered row of H per row: [rows, d_in].
     G = G + moved_by[:, None] * jnp.take(H, best, axis=0)

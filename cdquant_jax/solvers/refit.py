@@ -1,8 +1,8 @@
-"""Closed-form refit of each row's grid parameters with the integer codes fixed (algorithms.md 3.3).
+"""Closed-form refit of the rows' grid parameters with the integer codes fixed (algorithms.md 3.3).
 
 With codes q fixed, a row's weights are linear in its group parameters:
-  scale only (zero fixed):  ŵ_i = s_g (q_i − z_g)           unknowns s_g,
-  affine (zero free):       ŵ_i = s_g q_i + c_g, c_g = −s_g z_g   unknowns (s_g, c_g),
+  scale only (zero fixed):  ŵ_i = s_g (q_i − z_g),                  unknowns s_g;
+  affine (zero free):       ŵ_i = s_g q_i + c_g with c_g = −s_g z_g,  unknowns (s_g, c_g);
 so the H-weighted least squares min (w − ŵ)ᵀ H (w − ŵ) is a small (n_groups·K)² system per row
 (K = 1 or 2 features per group): (Aᵀ H A + ridge) x = Aᵀ H w. Zero points that must be integers
 (GPTQ flavour, SpQR with round_zero) are rounded after the affine fit and the scales refitted
@@ -12,6 +12,8 @@ is not positive and finite keeps its old (scale, zero).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ RIDGE = 1e-7
 CHUNK_ELEMENTS = 1 << 24
 
 
+@functools.partial(jax.jit, static_argnames=("grid_cfg",))
 def refit_grid(W, H, Q, grid: Grid, grid_cfg: GridConfig, *,
                dead: jax.Array | None = None) -> tuple[Grid, jax.Array, dict]:
   """Refits (scale, zero) of every row and group for the codes of Q.

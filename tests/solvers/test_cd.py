@@ -134,7 +134,8 @@ def test_refit_is_the_least_squares_optimum(x64, rng, sym, flavor):
   new_grid, Q, _ = refit_lib.refit_grid(jnp.asarray(W), jnp.asarray(H), start.Q, start.grid,
                                         grid_cfg)
   codes = np.asarray(start.codes, np.float64)
-  L = np.linalg.cholesky(H + 1e-12 * np.eye(32))  # H = L Lᵀ: ‖Lᵀ(w − A x)‖² is the objective
+  # H = L Lᵀ, so ‖Lᵀ(w − A x)‖² is the row objective.
+  L = np.linalg.cholesky(H + 1e-12 * np.eye(32))
   at_optimum = 0
   for r in range(W.shape[0]):
     cols = []

@@ -73,8 +73,8 @@ def test_bcd_never_above_its_start(rng, partition, init):
 def test_dead_columns_and_groups(rng):
   W, H = layer_problem(rng, 16, 64, dtype=np.float32, dead=4)
   dead = np.diag(H) == 0
-  res = bcd(W, H, BCDConfig(grid=GridConfig(bits=3, group_size=16), block_size=3,
-                            n_partners=6, init="gptq"))
+  res = bcd(W, H, BCDConfig(grid=GridConfig(bits=3, group_size=16), n_partners=6,
+                            init="gptq"))
   assert np.all(np.isfinite(np.asarray(res.Q)))
   zero_codes = np.asarray(grids.quantize(np.zeros_like(W), res.grid))
   np.testing.assert_array_equal(np.asarray(res.codes)[:, dead], zero_codes[:, dead])

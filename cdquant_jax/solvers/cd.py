@@ -232,7 +232,7 @@ def _phase(sub, glob, consts, H, diag_h, inv_diag, outside, *, maxq, flavor, max
   d_in = W.shape[1]
   cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
-  inv_s = 1.0 / s
+  inv_s = jnp.where(s != 0, 1.0 / jnp.where(s != 0, s, 1.0), 0.0)  # s = 0: nothing moves
   n_trace = max_steps // trace_every + 1
   # Column chunk of the two-level argmin (0: plain two-pass argmin).
   chunk = next((c for c in (128, 64, 32, 16) if d_in % c == 0 and d_in > c), 0)

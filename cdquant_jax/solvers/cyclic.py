@@ -26,7 +26,7 @@ from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib
-from cdquant_jax.solvers.cd import NOISE_ULPS, grid_arrays
+from cdquant_jax.solvers.cd import NOISE_ULPS, code_values, grid_arrays
 from cdquant_jax.solvers.gptq import GPTQConfig
 from cdquant_jax.solvers.result import SolveResult
 
@@ -127,20 +127,19 @@ def _sweeps(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, sweeps: int, B
   inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
   noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
   per_column = s.shape[1] != 1
-  values = lambda C, s_, z_, q0, fr: (grids.dequantize_codes(C, s_, z_) if fr is None
-                                      else jnp.where(fr, q0, grids.dequantize_codes(C, s_, z_)))
   C0 = grids.codes_of(Q0, s, z, maxq, flavor)
-  E0 = values(C0, s, z, Q0, frozen) - W
+  E0 = code_values(C0, s, z, Q0, frozen) - W
   G0 = hdot(E0, H)
   obj0 = jnp.sum(E0 * G0)
 
   def column(j, state):
-    Cb, Gb, Db, sb, zb, q0b, fb, Hbb, db, ib, changed, gained = state
+    Cb, Gb, Db, sb, fb, Hbb, db, ib, changed, gained = state
     c, g = Cb[:, j], Gb[:, j]
-    s_j, z_j = (sb[:, j], zb[:, j]) if per_column else (sb[:, 0], zb[:, 0])
+    s_j = sb[:, j] if per_column else sb[:, 0]
     fr = None if fb is None else fb[:, j]
-    v = values(c, s_j, z_j, None if q0b is None else q0b[:, j], fr)
-    cand = grids.codes_of(v - g * ib[j], s_j, z_j, maxq, flavor)
+    # Best code: nearest to t/s + z = c − g / (H_jj s) (both flavours; s = 0: no move).
+    inv_s = jnp.where(s_j != 0, 1.0 / jnp.where(s_j != 0, s_j, 1.0), 0.0)
+    cand = jnp.clip(jnp.round(c - g * ib[j] * inv_s), 0, maxq)
     delta = s_j * (cand - c)
     if fr is not None:
       delta = jnp.where(fr, 0.0, delta)
@@ -150,20 +149,20 @@ def _sweeps(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, sweeps: int, B
     Cb = Cb.at[:, j].set(jnp.where(move, cand, c))
     # In-block update: G[:, blk] += δ ⊗ H[j, blk].
     Gb = Gb + delta[:, None] * Hbb[j][None, :]
-    return (Cb, Gb, Db.at[:, j].set(delta), sb, zb, q0b, fb, Hbb, db, ib, changed + move,
+    return (Cb, Gb, Db.at[:, j].set(delta), sb, fb, Hbb, db, ib, changed + move,
             gained + jnp.sum(jnp.where(move, gain, 0.0)))
 
   def block(b, state):
     C, G, changed, gained = state
     a = b * B
     cut = lambda A: jax.lax.dynamic_slice(A, (0, a), (d_out, B))
-    sb, zb = (cut(s), cut(z)) if per_column else (s, z)
-    q0b, fb = (None, None) if frozen is None else (cut(Q0), cut(frozen))
+    sb = cut(s) if per_column else s
+    fb = None if frozen is None else cut(frozen)
     Hrows = jax.lax.dynamic_slice(H, (a, 0), (B, n))
     Hbb = jax.lax.dynamic_slice(Hrows, (0, a), (B, B))
     db, ib = jax.lax.dynamic_slice(diag_h, (a,), (B,)), jax.lax.dynamic_slice(inv_diag, (a,), (B,))
-    inner = (cut(C), cut(G), jnp.zeros((d_out, B), W.dtype), sb, zb, q0b, fb, Hbb, db, ib,
-             changed, gained)
+    inner = (cut(C), cut(G), jnp.zeros((d_out, B), W.dtype), sb, fb, Hbb, db, ib, changed,
+             gained)
     Cb, _, Db, *_, changed, gained = jax.lax.fori_loop(0, B, column, inner)
     # Lazy batch: every column of G receives the block's moves, [d_out, B] @ [B, n].
     G = G + hdot(Db, Hrows)
@@ -184,7 +183,7 @@ def _sweeps(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, sweeps: int, B
   trace = jnp.full((sweeps + 1,), jnp.nan, W.dtype).at[0].set(obj0)
   init = (C0, G0, jnp.int32(0), jnp.zeros((d_out,), jnp.int32), jnp.int32(1), obj0, trace)
   C, _, k, steps, _, tracked, trace = jax.lax.while_loop(cond, sweep, init)
-  Q = values(C, s, z, Q0, frozen)
+  Q = code_values(C, s, z, Q0, frozen)
   E = Q - W
   exact = jnp.sum(hdot(E, H) * E)
   return Q, dict(steps=steps, sweeps=k, objective_trace=trace, tracked_objective=tracked,

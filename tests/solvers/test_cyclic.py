@@ -70,3 +70,15 @@ def test_bad_config_raises(rng):
     cyclic(W, H, CyclicConfig(sweeps=0))
   with pytest.raises(ValueError, match="W has d_in"):
     cyclic(W[:, :8], H, CyclicConfig())
+
+
+def test_frozen_coordinates_keep_their_values(x64, rng):
+  W, H = layer_problem(rng, 6, 32)
+  start = rtn(W, H, RTNConfig(grid=GridConfig(bits=3)))
+  frozen = rng.random(W.shape) < 0.2
+  Q0 = np.where(frozen, W, np.asarray(start.Q))  # frozen weights off the grid (outliers)
+  Q, diag = refine_cyclic(W, H, Q0, start.grid, sweeps=8, blocksize=16, frozen=frozen)
+  Q = np.asarray(Q)
+  np.testing.assert_array_equal(Q[frozen], Q0[frozen])
+  assert oracle.objective(W, Q, H) < oracle.objective(W, Q0, H)
+  assert _rel(diag["recomputed_objective"], oracle.objective(W, Q, H)) < 1e-10

@@ -65,9 +65,15 @@ def method_config(method: str, setting: Setting):
   return api.apply_knobs(cfg, dict(bits=setting.bits, group_size=setting.group_size))
 
 
+_WARMED: set = set()
+
+
 def timed_solve(method, W, H, cfg, *, warmup: bool):
-  if warmup:
+  """Solves once (after one untimed call per method, config and shape when `warmup`)."""
+  key = (method, cfg, W.shape)
+  if warmup and key not in _WARMED:
     api.solve(method, W, H, cfg).Q.block_until_ready()
+    _WARMED.add(key)
   start = time.perf_counter()
   res = api.solve(method, W, H, cfg)
   res.Q.block_until_ready()
@@ -85,6 +91,8 @@ def run_problem_set(problems, methods, settings, *, warmup: bool, log) -> list[d
   energies = {name: energy(W, H) for name, (W, H) in problems.items()}
   for setting in settings:
     for method in methods:
+      if method in SPQR_STYLE and setting.group_size != -1:
+        continue  # SpQR has its own g16 bilevel statistics: one row per bit width
       cfg = method_config(method, setting)
       total, seconds, outliers, n_params = 0.0, 0.0, 0, 0
       for name, (W, H) in problems.items():
@@ -135,6 +143,8 @@ def parse_args(argv=None):
   p.add_argument("--synthetic-settings", default="w2,w3,w4,w2g128,w3g128,w4g128")
   p.add_argument("--big-shape-settings", default="w3g128",
                  help="settings also run on the shapes other than the first")
+  p.add_argument("--big-shape-methods", default="gptq,cd,spqr",
+                 help="methods also run on the shapes other than the first")
   p.add_argument("--real-settings", default="w2,w3,w4,w2g128,w3g128,w4g128")
   p.add_argument("--methods", default=",".join(GPTQ_STYLE + SPQR_STYLE))
   p.add_argument("--minilm-layers", default="0,1,2,3,4,5")
@@ -166,10 +176,12 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for i, (d_out, d_in) in enumerate(shapes):
       settings = parse_settings(args.synthetic_settings if i == 0 else args.big_shape_settings)
+      shape_methods = methods if i == 0 else args.big_shape_methods.split(",")
       log(f"synthetic {d_out}x{d_in}")
       problems = {f"synthetic{d_out}x{d_in}": synthetic_problem(d_out, d_in)}
-      rows = run_problem_set(problems, methods, settings, warmup=not args.no_warmup, log=log)
+      rows = run_problem_set(problems, shape_methods, settings, warmup=not args.no_warmup, log=log)
       sections.append(f"## Synthetic Llama-7B shape {d_out}x{d_in}\n\n{markdown_table(rows)}\n")
+      _write(args.out, sections)  # keep partial results of long runs
   if not args.skip_real:
     from cdquant_jax.layer_problems import minilm
     layers = tuple(int(v) for v in args.minilm_layers.split(","))
@@ -180,12 +192,15 @@ def main(argv=None) -> int:
     sections.append(f"## Real MiniLM layers {layers} ({len(problems)} linears, H from "
                     f"{args.minilm_samples} x 128 tokens of the bundled corpus)\n\n"
                     f"{markdown_table(rows)}\n")
-  report = "\n".join(sections)
-  print(report)
-  if args.out:
-    from cdquant_jax.io_utils import atomic_write_text
-    atomic_write_text(args.out, report)
+  print("\n".join(sections))
+  _write(args.out, sections)
   return 0
+
+
+def _write(path, sections) -> None:
+  if path:
+    from cdquant_jax.io_utils import atomic_write_text
+    atomic_write_text(path, "\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def resolve_outliers(W, H, Q, mask, *, ridge: float = 1e-6, fp16: bool = False) 
   k = int(jnp.max(jnp.sum(mask, axis=1)))
   if k == 0:
     return Q
+  k = 1 << (k - 1).bit_length()  # pad to a power of two: few distinct compilations
   lam = ridge * jnp.mean(jnp.diag(H))
   return _resolve_outliers(W, H, Q, mask, lam, k=k, fp16=fp16)
 

@@ -171,7 +171,9 @@ def main(argv=None) -> int:
               f"{os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()}. "
               f"Times exclude compilation: {not args.no_warmup}. Relative objective = "
               "Σ tr((W−Q)H(W−Q)ᵀ) / Σ tr(WHWᵀ) over the problems of a set; 'vs GPTQ' is its "
-              "change against GPTQ in the same setting (negative = better).\n"]
+              "change against GPTQ in the same setting (negative = better). 'bits' are those of the last "
+              "layer of a set (paper formula / real stored bytes); 'outliers' is the share over "
+              "the whole set.\n"]
   if not args.skip_synthetic:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for i, (d_out, d_in) in enumerate(shapes):

@@ -42,6 +42,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
   start = time.perf_counter()
   metrics = sequential.quantize_model(run, progress=args.progress)
   metrics["total_seconds"] = round(time.perf_counter() - start, 2)
+  metrics["calibration"] = f"{args.nsamples} x {args.seqlen}"
   return metrics
 
 
@@ -63,21 +64,21 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
       f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs while "
       f"measuring), {platform.python_version()}; `python experiments/bench_pipeline.py "
       f"--nsamples {args.nsamples} --seqlen {args.seqlen}`. One subprocess per method. Calibration "
-      f"{args.nsamples} x {args.seqlen} tokens of the bundled corpus, "
+      f"windows of the bundled corpus (column 'calibration'), "
       f"{'true-sequential' if not args.no_true_sequential else 'not true-sequential'}, "
       f"checkpoint `{args.checkpoint}`. Times include compilation.", "",
-      "| method | bits/param | rel. objective (sum) | perplexity | quantize s | peak RSS MiB |",
-      "|---|---|---|---|---|---|"]
+      "| method | calibration | bits/param | rel. objective (sum) | perplexity | quantize s | "
+      "peak RSS MiB |", "|---|---|---|---|---|---|---|"]
   base = None
   for method, m in results.items():
     s = m["summary"]
     ppl = m.get("perplexity", {}).get("bundled", {}).get("ppl")
     base = base or m.get("baseline_perplexity", {}).get("bundled", {}).get("ppl")
-    lines.append(f"| {method} | {s['bits_formula']:.3f} | {s['relative_objective_sum']:.5f} | "
+    lines.append(f"| {method} | {m.get('calibration', '-')} | {s['bits_formula']:.3f} | {s['relative_objective_sum']:.5f} | "
                  f"{'-' if ppl is None else f'{ppl:.3f}'} | {m['timing']['quantize_seconds']:.1f} | "
                  f"{m['memory']['peak_host_mib']:.0f} |")
   if base is not None:
-    lines.append(f"| fp32 (unquantized) | 32 | - | {base:.3f} | - | - |")
+    lines.append(f"| fp32 (unquantized) | - | 32 | - | {base:.3f} | - | - |")
   lines += ["", "Where the quantize time goes (seconds):", "",
             "| method | " + " | ".join(p.replace("_seconds", "") for p in PHASES) + " |",
             "|---|" + "---|" * len(PHASES)]
@@ -98,6 +99,8 @@ def main() -> int:
   p.add_argument("--no-true-sequential", action="store_true")
   p.add_argument("--output-dir", default=None)
   p.add_argument("--out", default=None, help="write the Markdown table here")
+  p.add_argument("--from-dirs", nargs="+", metavar="METHOD=DIR",
+                 help="only render the table from finished runs' metrics.json")
   p.add_argument("--one", help=argparse.SUPPRESS)
   p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--progress", action="store_true")
@@ -105,16 +108,29 @@ def main() -> int:
   if args.one:
     print(json.dumps(run_one(args.one, args), sort_keys=True))
     return 0
+  if args.from_dirs:
+    results = {}
+    for item in args.from_dirs:
+      method, directory = item.split("=", 1)
+      with open(os.path.join(directory, "metrics.json")) as f:
+        results[method] = json.load(f)
+      with open(os.path.join(directory, "run_config.json")) as f:
+        c = json.load(f)["calibration"]
+      results[method]["calibration"] = f"{c['nsamples']} x {c['seqlen']}"
+    return _emit(markdown(results, args), args.out)
   with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
     args.output_dir = args.output_dir or tmp
     results = {}
     for i, method in enumerate(args.methods.split(",")):
       results[method] = spawn(method, args, baseline=(i == 0))
       print(json.dumps({method: results[method]["timing"]}), flush=True)
-  text = markdown(results, args)
+  return _emit(markdown(results, args), args.out)
+
+
+def _emit(text: str, out: str | None) -> int:
   print(text)
-  if args.out:
-    with open(args.out, "w") as f:
+  if out:
+    with open(out, "w") as f:
       f.write(text)
   return 0
 

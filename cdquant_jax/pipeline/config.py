@@ -109,7 +109,7 @@ class QuantSettings:
   rules: tuple[ModuleRule, ...] = ()
   include: tuple[str, ...] = ()
   exclude: tuple[str, ...] = ()
-  spqr_lossy_outliers: bool = True
+  spqr_lossy_outliers: bool = False
   true_sequential: bool = True
 
 

@@ -72,7 +72,7 @@ def test_pack_options_follow_the_method_config():
   opts = config.pack_options("spqr", api.apply_knobs(api.default_config("spqr"),
                                                      dict(qq_bits=2)), quant)
   assert opts == dict(sym=False, round_zero=False, qq_scale_bits=2, qq_zero_bits=2,
-                      allow_lossy_outliers=True)
+                      allow_lossy_outliers=False)
   opts = config.pack_options("cd", api.apply_knobs(api.default_config("cd"), dict(sym=True)),
                              quant)
   assert opts["sym"] and opts["qq_scale_bits"] is None and not opts["allow_lossy_outliers"]

@@ -111,10 +111,9 @@ def run_problem_set(problems, methods, settings, *, warmup: bool, log) -> list[d
 
 def bits_both_ways(method, res, cfg) -> tuple[float, float]:
   """(paper formula, stored bits) of the last layer of a set, via the packed format."""
-  from cdquant_jax.cli.layer import _pack_flags
   from cdquant_jax.quant import bits as bits_lib
   from cdquant_jax.quant import qweight
-  packed = qweight.pack_result(res, method=method, allow_lossy_outliers=True, **_pack_flags(cfg))
+  packed = qweight.pack_result(res, method=method, **api.pack_flags(cfg))
   report = bits_lib.bits_report(packed)
   return report["bits_formula"], report["bits_stored"]
 

@@ -103,7 +103,7 @@ def summarize(method: str, W: np.ndarray, H: np.ndarray, result, seconds: float,
   E = W64 - np.asarray(result.Q, np.float64)
   objective = float(np.sum((E @ H64) * E))
   energy = float(np.sum((W64 @ H64) * W64))
-  packed = qweight.pack_result(result, method=method, **_pack_flags(cfg))
+  packed = qweight.pack_result(result, method=method, **api.pack_flags(cfg))
   report = bits_lib.bits_report(packed)
   n_out = int(np.sum(np.asarray(result.outlier_mask)))
   return dict(
@@ -112,21 +112,6 @@ def summarize(method: str, W: np.ndarray, H: np.ndarray, result, seconds: float,
       bits_per_param=report["bits_formula"], bits_per_param_stored=report["bits_stored"],
       outlier_fraction=n_out / W.size, seconds=seconds,
       config=config_lib.to_dict(cfg))
-
-
-def _pack_flags(cfg) -> dict:
-  """Metadata flags pack_result records (sym / round_zero), wherever the config keeps them."""
-  flags = {}
-  for key, paths in (("sym", ("sym", "grid.sym", "spqr.sym")),
-                     ("round_zero", ("round_zero", "spqr.round_zero"))):
-    for p in paths:
-      if config_lib.has_path(cfg, p):
-        node = cfg
-        for name in p.split("."):
-          node = getattr(node, name)
-        flags[key] = bool(node)
-        break
-  return flags
 
 
 def write_output(path: str, result) -> None:

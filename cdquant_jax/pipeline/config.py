@@ -256,19 +256,10 @@ def solver_for(quant: QuantSettings, name: str) -> tuple[str, Any]:
 
 def pack_options(method: str, cfg: Any, quant: QuantSettings) -> dict[str, Any]:
   """`pack_result` keyword arguments for a solver config (sym, round_zero, qq bits)."""
-  def first(knob, default):
-    for path in api.KNOB_PATHS[knob]:
-      if config_lib.has_path(cfg, path):
-        node = cfg
-        for part in path.split("."):
-          node = getattr(node, part)
-        return node
-    return default
-
   is_spqr = method.startswith("spqr")
   qq = [p for p in ("qq_scale_bits", "spqr.qq_scale_bits") if config_lib.has_path(cfg, p)]
   spqr_cfg = getattr(cfg, "spqr", cfg)
-  return dict(sym=bool(first("sym", False)), round_zero=bool(first("round_zero", False)),
+  return dict(**api.pack_flags(cfg),
               qq_scale_bits=getattr(spqr_cfg, "qq_scale_bits", None) if qq else None,
               qq_zero_bits=getattr(spqr_cfg, "qq_zero_bits", None) if qq else None,
               allow_lossy_outliers=is_spqr and quant.spqr_lossy_outliers)

@@ -173,11 +173,12 @@ def params_from_range(xmin: jax.Array, xmax: jax.Array,
   else:
     zero = -xmin / scale
   if cfg.fp16_stats:
-    scale, zero = _through_fp16(scale), _through_fp16(zero)
+    scale, zero = through_fp16(scale), through_fp16(zero)
   return scale, zero
 
 
-def _through_fp16(x: jax.Array) -> jax.Array:
+def through_fp16(x: jax.Array) -> jax.Array:
+  """x rounded to the nearest float16, back in its own dtype."""
   return x.astype(jnp.float16).astype(x.dtype)
 
 

@@ -95,3 +95,20 @@ def apply_knobs(cfg: Any, knobs: dict[str, Any]) -> Any:
     for p in paths:
       cfg = config_lib.override(cfg, p, value)
   return cfg
+
+
+def knob_value(cfg: Any, knob: str, default: Any = None) -> Any:
+  """The value of a friendly knob: the first of its KNOB_PATHS present in `cfg`, else default."""
+  for path in KNOB_PATHS[knob]:
+    if config_lib.has_path(cfg, path):
+      node = cfg
+      for part in path.split("."):
+        node = getattr(node, part)
+      return node
+  return default
+
+
+def pack_flags(cfg: Any) -> dict[str, bool]:
+  """The metadata flags `qweight.pack_result` records (sym, round_zero), wherever cfg keeps them."""
+  return dict(sym=bool(knob_value(cfg, "sym", False)),
+              round_zero=bool(knob_value(cfg, "round_zero", False)))

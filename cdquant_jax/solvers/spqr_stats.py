@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cdquant_jax.quant.grids import (Flavor, GridConfig, codes_of, dequantize_codes,
-                                     fake_quantize, minmax_params)
+                                     fake_quantize, minmax_params, through_fp16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +77,6 @@ class GroupStats(NamedTuple):
   zero_qq_zero: jax.Array
 
 
-def _through_fp16(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float16).astype(x.dtype)
-
-
 def second_level(x: jax.Array, bits: int, sym: bool, groupsize: int,
                  fp16: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Quantizes a per-row statistic in runs of `groupsize` consecutive rows.
@@ -122,12 +118,12 @@ def group_stats(Wg: jax.Array, cfg: StatsConfig) -> GroupStats:
     scale, scale_codes, s_s2, s_z2 = second_level(scale, cfg.qq_scale_bits, False,
                                                   cfg.qq_groupsize, cfg.fp16_storage)
   elif cfg.fp16_storage:
-    scale = _through_fp16(scale)
+    scale = through_fp16(scale)
   if cfg.quantize_zero:
     zero, zero_codes, z_s2, z_z2 = second_level(zero, cfg.qq_zero_bits, cfg.qq_zero_sym,
                                                 cfg.qq_groupsize, cfg.fp16_storage)
   elif cfg.fp16_storage:
-    zero = _through_fp16(zero)
+    zero = through_fp16(zero)
   return GroupStats(scale, zero, scale_codes, zero_codes, s_s2, s_z2, z_s2, z_z2)
 
 

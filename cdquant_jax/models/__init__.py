@@ -8,17 +8,19 @@ decode_step / generate); params are plain nested dicts with HF-like names.
 # Model API
 from cdquant_jax.models.base import CausalLM, default_positions
 from cdquant_jax.models.config import ModelConfig, RopeConfig
+from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.falcon import Falcon
 from cdquant_jax.models.layers import linear
 from cdquant_jax.models.llama import LlamaLike
 from cdquant_jax.models.opt import OPT
 # Loading
+from cdquant_jax.models.hf_config import config_from_hf
 from cdquant_jax.models.registry import (block_linears, load_model, model_for_config,
                                          model_from_hf_config)
 from cdquant_jax.models.tokenizer import load_tokenizer
 
 __all__ = [
-    "CausalLM", "Falcon", "LlamaLike", "ModelConfig", "OPT", "RopeConfig", "block_linears",
-    "default_positions", "linear", "load_model", "load_tokenizer", "model_for_config",
-    "model_from_hf_config",
+    "CausalLM", "Falcon", "LlamaLike", "ModelConfig", "ModelLoadError", "OPT", "RopeConfig",
+    "block_linears", "config_from_hf", "default_positions", "linear", "load_model",
+    "load_tokenizer", "model_for_config", "model_from_hf_config",
 ]

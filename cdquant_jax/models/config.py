@@ -1,22 +1,18 @@
-"""Frozen model configs built from HF `config.json` dicts, with strict field checking.
+"""Frozen model configs: one `ModelConfig` describes every supported decoder.
 
-One `ModelConfig` describes every supported decoder. The implementation is picked by `family`:
+The implementation is picked by `family`:
   llama   Llama 1/2/3, Mistral, Qwen2, SmolLM, Gemma 1/2/3 (differences are config fields)
   opt     OPT (learned positions with offset 2, LayerNorm, biases)
   falcon  Falcon (fused query_key_value, parallel attention)
 
-`ModelConfig.from_hf_config(d)` accepts the transformers 4 and 5 spellings (`rope_theta` /
-`rope_scaling` or `rope_parameters`; `torch_dtype` or `dtype`) and raises `ValueError` listing
-every field it does not understand (penzai-style strict conversion): a silently ignored field
-would give a model that runs but computes something else.
+HF `config.json` dicts are converted, strictly, by `hf_config.config_from_hf` (which imports
+this module; this module imports no loader).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 import numpy as np
 
 FULL = "full_attention"
@@ -133,9 +129,3 @@ class ModelConfig:
 
   def window_for_layer(self, layer_index: int) -> int | None:
     return self.sliding_window if self.layer_types[layer_index] == SLIDING else None
-
-  @classmethod
-  def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
-    """Builds a config from a HF config.json dict; raises ValueError on unknown fields."""
-    from cdquant_jax.models import _hf_fields  # pylint: disable=import-outside-toplevel
-    return cls(**_hf_fields.parse(hf))

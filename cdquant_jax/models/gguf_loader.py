@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cdquant_jax.models.errors import ModelLoadError
+
 ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 
 _LAYER_NAMES = {
@@ -34,7 +36,7 @@ def open_reader(path: str):
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError/struct errors on corrupt files
-    raise ValueError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
+    raise ModelLoadError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
 
 
 def read_metadata(reader, skip_arrays: bool = True) -> dict[str, Any]:
@@ -55,10 +57,11 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple
   """A HF config.json-style dict for the model a GGUF file describes."""
   arch = meta.get("general.architecture")
   if arch not in ARCH_TO_MODEL_TYPE:
-    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
-                     f"(supported: {sorted(ARCH_TO_MODEL_TYPE)})")
+    raise ModelLoadError(f"{path}: general.architecture={arch!r} is not supported "
+                         f"(supported: {sorted(ARCH_TO_MODEL_TYPE)})")
   if "rope_freqs.weight" in tensor_shapes:
-    raise ValueError(f"{path}: rope_freqs (llama3 rope scaling in GGUF) is not supported")
+    raise ModelLoadError(f"{path}: tensor rope_freqs.weight (llama3 rope scaling in GGUF) is "
+                         "not supported")
 
   def get(key, default=None):
     return meta.get(f"{arch}.{key}", default)
@@ -95,7 +98,7 @@ def hf_tensor_name(gguf_name: str, path: str) -> str:
   m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
   if m and m.group(1) in _GLOBAL_NAMES:
     return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-  raise ValueError(f"{path}: unsupported GGUF tensor {gguf_name!r}")
+  raise ModelLoadError(f"{path}: unsupported GGUF tensor {gguf_name!r}")
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -132,7 +135,11 @@ def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndar
   state = {}
   for tensor in reader.tensors:
     name = hf_tensor_name(tensor.name, path)
-    w = dequantized(tensor)
+    try:
+      w = dequantized(tensor)
+    except NotImplementedError as e:  # gguf has no numpy dequantizer for this type
+      raise ModelLoadError(f"{path}: tensor {tensor.name} of type {tensor.tensor_type.name} "
+                           f"cannot be dequantized ({e})") from e
     if permute and name.endswith("q_proj.weight"):
       w = unpermute_rope_rows(w, config["num_attention_heads"])
     elif permute and name.endswith("k_proj.weight"):

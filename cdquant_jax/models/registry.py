@@ -1,14 +1,20 @@
-"""`load_model`: a HF directory, a hub id or a .gguf file -> (model, params, tokenizer or None)."""
+"""`load_model`: a HF directory, a hub id or a .gguf file -> (model, params, tokenizer or None).
+
+Bad checkpoints raise `ModelLoadError` naming the file and the offending field, value or tensor
+(FileNotFoundError for a missing file).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
 
-from cdquant_jax.models import hf_loader
+from cdquant_jax.models import hf_config, hf_loader
 from cdquant_jax.models.base import CausalLM
 from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.falcon import Falcon
 from cdquant_jax.models.llama import LlamaLike
 from cdquant_jax.models.opt import OPT
@@ -17,15 +23,16 @@ FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaLike, "opt": OPT, "falcon":
 
 _DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "f16": jnp.float16}
+DTYPE_NAMES = tuple(_DTYPES)  # what `as_dtype` (and `load_model(dtype=...)`) accepts by name
 
 
 def model_for_config(config: ModelConfig) -> CausalLM:
   return FAMILIES[config.family](config)
 
 
-def model_from_hf_config(hf_config: dict[str, Any]) -> CausalLM:
+def model_from_hf_config(hf_config_dict: dict[str, Any]) -> CausalLM:
   """The model object for a HF config.json dict (strictly parsed)."""
-  return model_for_config(ModelConfig.from_hf_config(hf_config))
+  return model_for_config(hf_config.config_from_hf(hf_config_dict))
 
 
 def block_linears(config: ModelConfig) -> list[list[tuple[str, ...]]]:
@@ -44,6 +51,14 @@ def as_dtype(dtype) -> Any:
   return dtype
 
 
+def _checkpoint_model(hf_config_dict: dict[str, Any], config_file: str) -> CausalLM:
+  """`model_from_hf_config`, its errors prefixed with the file the config came from."""
+  try:
+    return model_from_hf_config(hf_config_dict)
+  except ModelLoadError as e:
+    raise ModelLoadError(f"{config_file}: {e}") from e
+
+
 def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True):
   """Loads a checkpoint into (model, params, tokenizer or None).
 
@@ -57,13 +72,15 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
   dtype = as_dtype(dtype)
   reader = None
   if str(path_or_hub_id).endswith(".gguf"):
-    source = str(path_or_hub_id)
+    source = config_file = str(path_or_hub_id)
     reader = gguf_loader.open_reader(source)
-    hf_config, state = gguf_loader.load_gguf(source, reader)
+    hf_config_dict, state = gguf_loader.load_gguf(source, reader)
   else:
     source = hf_loader.resolve_model_dir(str(path_or_hub_id))
-    hf_config, state = hf_loader.read_config(source), hf_loader.load_state_dict(source)
-  model = model_from_hf_config(hf_config)
+    config_file = os.path.join(source, hf_loader.CONFIG_FILE)
+    hf_config_dict = hf_loader.read_config(source)
+    state = hf_loader.load_state_dict(source)
+  model = _checkpoint_model(hf_config_dict, config_file)
   params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   tok = None
   if with_tokenizer and tokenizer.has_tokenizer(source, reader):

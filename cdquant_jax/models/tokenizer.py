@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from cdquant_jax.models.errors import ModelLoadError
+
 TOKENIZER_JSON = "tokenizer.json"
 CONTROL, USER_DEFINED = 3, 4
 
@@ -41,7 +43,10 @@ def load_tokenizer(path: str, reader=None):
   file = os.path.join(path, TOKENIZER_JSON)
   if not os.path.exists(file):
     raise FileNotFoundError(f"{file}: missing tokenizer.json")
-  return Tokenizer.from_file(file)
+  try:
+    return Tokenizer.from_file(file)
+  except Exception as e:  # tokenizers raises a plain Exception for unreadable files
+    raise ModelLoadError(f"{file}: cannot read tokenizer ({e})") from e
 
 
 def tokenizer_from_gguf(path: str, reader=None):
@@ -54,8 +59,8 @@ def tokenizer_from_gguf(path: str, reader=None):
 
   kind = get("tokenizer.ggml.model")
   if kind != "gpt2":
-    raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2 "
-                     "byte-level BPE)")
+    raise ModelLoadError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: "
+                         "gpt2 byte-level BPE)")
   return byte_level_bpe(get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges"),
                         get("tokenizer.ggml.token_type", []), get("tokenizer.ggml.pre"),
                         get("tokenizer.ggml.add_bos_token", False),

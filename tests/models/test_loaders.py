@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cdquant_jax.models import registry
-from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.models.hf_config import config_from_hf
 from tests.models import hf_reference as ref
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -116,22 +116,21 @@ def test_gguf_unpermutes_rope_rows(torch_llama, tmp_path):
 
 
 def test_unknown_config_fields_are_listed():
-  with pytest.raises(ValueError, match=r"\['frobnicate', 'quantization_config'\]"):
-    ModelConfig.from_hf_config({**LLAMA_CONFIG, "frobnicate": 1, "quantization_config": {}})
+  with pytest.raises(ValueError, match=r"field\(s\) frobnicate=1, quantization_config=\{\};"):
+    config_from_hf({**LLAMA_CONFIG, "frobnicate": 1, "quantization_config": {}})
   with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
-    ModelConfig.from_hf_config({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "yarn",
-                                                                 "factor": 4.0}})
+    config_from_hf({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
   with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
-    ModelConfig.from_hf_config({"model_type": "gpt2"})
+    config_from_hf({"model_type": "gpt2"})
 
 
 def test_old_and_new_rope_spellings_agree():
   scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-  old = ModelConfig.from_hf_config({**LLAMA_CONFIG, "rope_theta": 5e5, "rope_scaling": scaling,
-                                    "torch_dtype": "bfloat16"})
-  new = ModelConfig.from_hf_config({**LLAMA_CONFIG, "dtype": "bfloat16",
-                                    "rope_parameters": {**scaling, "rope_theta": 5e5}})
+  old = config_from_hf({**LLAMA_CONFIG, "rope_theta": 5e5, "rope_scaling": scaling,
+                        "torch_dtype": "bfloat16"})
+  new = config_from_hf({**LLAMA_CONFIG, "dtype": "bfloat16",
+                        "rope_parameters": {**scaling, "rope_theta": 5e5}})
   assert old == new and old.rope.kind == "llama3" and old.rope.theta == 5e5
 
 

@@ -1,33 +1,57 @@
-"""HF config.json -> `ModelConfig` keyword arguments, one parser per family, strict.
+"""HF config.json -> `ModelConfig`, one parser per family, strict (penzai-style conversion).
 
-Every field a parser reads is marked as used; what is left must be in `IGNORED` (fields that
-cannot change the inference function: dropout, init, generation defaults, bookkeeping) or the
-parse fails with the list of the leftovers.
+`config_from_hf(d)` accepts what transformers 4 and 5 write (`rope_theta` / `rope_scaling` or
+`rope_parameters`; `torch_dtype` or `dtype`). Every field a parser reads is marked as used; what
+is left must be in `IGNORED` (fields that cannot change the inference function) or the parse
+fails with `ModelLoadError` naming each leftover field and its value: a silently ignored field
+would give a model that runs but computes something else. Imports go one way: this module uses
+`config`, never the reverse.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cdquant_jax.models.config import FULL, SLIDING, RopeConfig
+from cdquant_jax.models.config import FULL, SLIDING, ModelConfig, RopeConfig
+from cdquant_jax.models.errors import ModelLoadError
 
-IGNORED = frozenset({
-    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
-    "init_std", "use_cache", "pad_token_id", "attention_dropout", "dropout", "hidden_dropout",
-    "layerdrop", "activation_dropout", "output_hidden_states", "output_attentions", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "_name_or_path", "model_type", "tokenizer_class", "torchscript", "pretraining_tp", "auto_map",
-    "prefix", "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "num_beams",
-    "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
-    "early_stopping", "num_return_sequences", "output_scores", "return_dict_in_generate",
-    "remove_invalid_values", "diversity_penalty", "num_beam_groups", "typical_p",
-    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "decoder_start_token_id", "sep_token_id", "is_decoder",
-    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads",
-    "finetuning_task", "tf_legacy_loss", "use_bfloat16", "task_specific_params",
-    "cache_implementation", "max_position_embeddings",
+# What `save_pretrained` writes about the file itself, the task head or the torch runtime.
+BOOKKEEPING = frozenset({
+    "_attn_implementation_autoset", "_name_or_path", "architectures", "auto_map",
+    "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id", "dtype",
+    "finetuning_task", "id2label", "is_decoder", "label2id", "model_type", "output_attentions",
+    "output_hidden_states", "pad_token_id", "prefix", "pretraining_tp", "problem_type",
+    "return_dict", "sep_token_id", "task_specific_params", "tf_legacy_loss", "tokenizer_class",
+    "torch_dtype", "torchscript", "transformers_version", "use_bfloat16", "use_return_dict",
 })
+# Training only: dropout is off and initialisation is overwritten by the checkpoint.
+TRAINING = frozenset({
+    "activation_dropout", "attention_dropout", "dropout", "hidden_dropout", "init_std",
+    "initializer_range", "layerdrop",
+})
+# Generation defaults (transformers 4 kept them in config.json; `GenerationConfig` fields).
+GENERATION = frozenset({
+    "_from_model_config", "assistant_confidence_threshold", "assistant_early_exit",
+    "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens", "cache_config",
+    "cache_implementation", "compile_config", "constraints", "disable_compile",
+    "diversity_penalty", "do_sample", "dola_layers", "early_stopping",
+    "encoder_no_repeat_ngram_size", "encoder_repetition_penalty", "epsilon_cutoff",
+    "eta_cutoff", "exponential_decay_length_penalty", "force_words_ids", "forced_bos_token_id",
+    "forced_decoder_ids", "forced_eos_token_id", "guidance_scale", "is_assistant",
+    "length_penalty", "low_memory", "max_length", "max_matching_ngram_size", "max_new_tokens",
+    "max_time", "min_length", "min_new_tokens", "min_p", "no_repeat_ngram_size",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups", "num_beams",
+    "num_return_sequences", "output_logits", "output_scores", "penalty_alpha",
+    "prompt_lookup_num_tokens", "remove_invalid_values", "renormalize_logits",
+    "repetition_penalty", "return_dict_in_generate", "return_legacy_cache", "sequence_bias",
+    "stop_strings", "suppress_tokens", "temperature", "token_healing", "top_k", "top_p",
+    "typical_p", "use_cache", "watermarking_config",
+})
+IGNORED = BOOKKEEPING | TRAINING | GENERATION
+# Base-config fields that change the model unless they keep their default (the only value the
+# decoders here implement): pruned heads, cross-attention, encoder-decoder wiring.
+DEFAULT_ONLY = {"pruned_heads": {}, "add_cross_attention": False, "is_encoder_decoder": False,
+                "tie_encoder_decoder": False}
 
 _REQUIRED = object()
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -51,34 +75,50 @@ class _Fields:
       if name in self.hf and self.hf[name] is not None:
         return self.hf[name]
     if default is _REQUIRED:
-      raise ValueError(f"{self.model_type}: config.json lacks required field {names[0]!r}")
+      raise ModelLoadError(f"{self.model_type}: the config lacks required field {names[0]!r}")
     return default
 
   def expect(self, name: str, allowed: tuple[Any, ...]) -> None:
     """A field that must keep one of `allowed` values (others are not implemented)."""
     value = self.get(name, default=allowed[0])
     if value not in allowed:
-      raise ValueError(f"{self.model_type}: unsupported {name}={value!r} (supported: {allowed})")
+      raise ModelLoadError(f"{self.model_type}: unsupported {name}={value!r} "
+                           f"(supported: {allowed})")
 
   def finish(self) -> None:
+    """Raises naming every field no parser read and `IGNORED` does not list, with its value."""
     leftover = sorted(set(self.hf) - self.used - IGNORED)
     if leftover:
-      raise ValueError(f"{self.model_type}: unsupported config fields {leftover}; "
-                       "the model would silently differ from the checkpoint")
+      shown = ", ".join(f"{name}={_short_repr(self.hf[name])}" for name in leftover)
+      raise ModelLoadError(f"{self.model_type}: unsupported config field(s) {shown}; "
+                           "the model would silently differ from the checkpoint")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def parse(hf: dict[str, Any]) -> dict[str, Any]:
   """kwargs of `ModelConfig` for a HF config dict (see module docstring)."""
   model_type = hf.get("model_type")
-  parsers = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like,
-             "gemma": _llama_like, "gemma2": _llama_like, "gemma3_text": _llama_like,
-             "opt": _opt, "falcon": _falcon}
-  if model_type not in parsers:
-    raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(parsers)}")
+  if model_type not in PARSERS:
+    raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {sorted(PARSERS)}")
   f = _Fields(hf)
-  kwargs = parsers[model_type](f)
+  kwargs = PARSERS[model_type](f)
+  for name, default in DEFAULT_ONLY.items():
+    f.expect(name, (default,))
   f.finish()
   return kwargs
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The `ModelConfig` of a HF config.json dict; ModelLoadError on anything not understood."""
+  kwargs = parse(hf)
+  try:
+    return ModelConfig(**kwargs)
+  except ValueError as e:  # ModelConfig.__post_init__: an inconsistent combination of fields
+    raise ModelLoadError(str(e)) from e
 
 
 def _token_ids(f: _Fields) -> dict[str, Any]:
@@ -90,18 +130,19 @@ def _token_ids(f: _Fields) -> dict[str, Any]:
 def _activation(f: _Fields, *names: str, default: str) -> str:
   name = f.get(*names, default=default)
   if name not in _ACTIVATIONS:
-    raise ValueError(f"{f.model_type}: unsupported activation {name!r}")
+    raise ModelLoadError(f"{f.model_type}: unsupported activation {name!r} "
+                         f"(supported: {sorted(_ACTIVATIONS)})")
   return _ACTIVATIONS[name]
 
 
 def _rope_from_dict(f: _Fields, d: dict[str, Any], theta: float | None) -> RopeConfig:
   unknown = sorted(set(d) - _ROPE_KEYS)
   if unknown:
-    raise ValueError(f"{f.model_type}: unsupported rope parameters {unknown} in {d}")
+    raise ModelLoadError(f"{f.model_type}: unsupported rope parameters {unknown} in {d}")
   kind = d.get("rope_type", d.get("type", "default"))
   if kind not in ("default", "linear", "llama3"):
-    raise ValueError(f"{f.model_type}: rope type {kind!r} is not supported "
-                     "(supported: default, linear, llama3)")
+    raise ModelLoadError(f"{f.model_type}: rope type {kind!r} is not supported "
+                         "(supported: default, linear, llama3)")
   rope = RopeConfig(theta=float(d.get("rope_theta") or theta or 10000.0), kind=kind)
   fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
   present = {k: d[k] for k in fields if d.get(k) is not None}
@@ -110,8 +151,7 @@ def _rope_from_dict(f: _Fields, d: dict[str, Any], theta: float | None) -> RopeC
 
 def _ropes(f: _Fields) -> tuple[RopeConfig, RopeConfig | None]:
   """(rope of full layers, rope of sliding layers or None), from either spelling."""
-  if f.get("partial_rotary_factor", default=1.0) != 1.0:
-    raise ValueError(f"{f.model_type}: partial_rotary_factor != 1 is not supported")
+  f.expect("partial_rotary_factor", (1.0,))
   params = f.get("rope_parameters", default=None)
   theta = f.get("rope_theta", default=None)
   scaling = f.get("rope_scaling", default=None)
@@ -155,8 +195,7 @@ def _llama_like(f: _Fields) -> dict[str, Any]:
         "sliding_window_pattern", default=None)
   window = f.get("sliding_window", default=None)
   window = window if SLIDING in layer_types else None
-  if f.get("use_bidirectional_attention", default=False):
-    raise ValueError(f"{t}: use_bidirectional_attention is not supported")
+  f.expect("use_bidirectional_attention", (False,))
   kwargs = dict(
       family="llama", model_type=t, vocab_size=f.get("vocab_size"), hidden_size=hidden,
       intermediate_size=f.get("intermediate_size"), num_layers=n, num_heads=heads,
@@ -218,7 +257,8 @@ def _falcon(f: _Fields) -> dict[str, Any]:
   if new_arch:
     layout, norms = "falcon_new", f.get("num_ln_in_parallel_attn", default=2)
     if not parallel:
-      raise ValueError("falcon: new_decoder_architecture with parallel_attn=False is not supported")
+      raise ModelLoadError("falcon: new_decoder_architecture=True with parallel_attn=False is "
+                           "not supported")
   else:
     layout, norms = ("falcon_mq", 1) if multi_query else ("falcon_mha", 1)
     kv = 1 if multi_query else heads
@@ -236,3 +276,8 @@ def _falcon(f: _Fields) -> dict[str, Any]:
                                                                   default=True)),
       rope=rope, layer_types=(FULL,) * n, query_scale=(hidden // heads)**-0.5,
       qkv_layout=layout, parallel_attn=parallel, num_parallel_norms=norms, **_token_ids(f))
+
+
+PARSERS = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like,
+           "gemma": _llama_like, "gemma2": _llama_like, "gemma3_text": _llama_like,
+           "opt": _opt, "falcon": _falcon}

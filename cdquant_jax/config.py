@@ -111,7 +111,10 @@ def from_dict(cls, data: dict, *, where: str = "") -> Any:
                       f"known: {sorted(names)}")
   hints = _hints(cls)
   kwargs = {k: coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:  # a combination of fields the class rejects (its __post_init__)
+    raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def to_dict(cfg: Any) -> Any:
@@ -127,6 +130,70 @@ def to_dict(cfg: Any) -> Any:
   return cfg
 
 
+def leaf_paths(cfg: Any, prefix: str = "") -> list[str]:
+  """Dotted paths of every non-dataclass field of the (nested) dataclass `cfg`, in field order."""
+  out = []
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    path = f"{prefix}{f.name}"
+    out.extend(leaf_paths(value, path + ".") if dataclasses.is_dataclass(value) else [path])
+  return out
+
+
+def get_path(cfg: Any, path: str) -> Any:
+  """The value of the dotted field `path` of `cfg`."""
+  for name in path.split("."):
+    cfg = getattr(cfg, name)
+  return cfg
+
+
+def replace_paths(cfg: Any, changes: dict[str, Any]) -> Any:
+  """A copy of `cfg` with every dotted path in `changes` set, built (and validated) ONCE.
+
+  Values may be strings (parsed as YAML scalars unless the field is a string). Building once
+  matters: a class whose __post_init__ rejects a combination of fields must see the final
+  combination, not an intermediate one (e.g. init.method=rtn set before init.act_order=false).
+  """
+  for path in changes:
+    _check_path(cfg, path)
+  data = to_dict(cfg)
+  for path, value in changes.items():
+    node, cls = data, type(cfg)
+    *heads, last = path.split(".")
+    for name in heads:
+      cls, node = _hints(cls)[name], node[name]
+    if isinstance(value, str) and _hints(cls)[last] is not str:
+      value = _parse_scalar(value)
+    node[last] = to_dict(value)
+  return from_dict(type(cfg), data)
+
+
+def _check_path(cfg: Any, path: str) -> None:
+  node = cfg
+  for name in path.split("."):
+    names = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
+    if name not in names:
+      raise ConfigError(f"{type(cfg).__name__} has no field {path!r}" + (
+          f" ({name!r} is not one of {sorted(names)})" if names else ""))
+    node = getattr(node, name)
+
+
+def reject_unless(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) when `condition` is false (for __post_init__ checks)."""
+  if not condition:
+    raise ConfigError(message)
+
+
+def changed_fields(cfg: Any, default: Any) -> list[str]:
+  """Leaf paths where `cfg` differs from `default` (same class)."""
+  return [p for p in leaf_paths(cfg) if get_path(cfg, p) != get_path(default, p)]
+
+
+def fields_dict(cfg: Any) -> dict[str, Any]:
+  """{field name: value} of the dataclass `cfg` (one level, values as they are)."""
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def has_path(cfg: Any, path: str) -> bool:
   """Whether the dotted field path exists in the (nested) dataclass `cfg`."""
   node = cfg
@@ -139,25 +206,14 @@ def has_path(cfg: Any, path: str) -> bool:
 
 def override(cfg: Any, path: str, value: Any) -> Any:
   """Returns a copy of `cfg` with the dotted field `path` set to `value` (a string is parsed)."""
-  head, _, rest = path.partition(".")
-  names = {f.name for f in dataclasses.fields(cfg)}
-  if head not in names:
-    raise ConfigError(f"{type(cfg).__name__} has no field {head!r} (path {path!r}); "
-                      f"known: {sorted(names)}")
-  if rest:
-    return dataclasses.replace(cfg, **{head: override(getattr(cfg, head), rest, value)})
-  if isinstance(value, str):
-    value = _parse_scalar(value) if _hints(type(cfg))[head] is not str else value
-  return dataclasses.replace(cfg, **{head: coerce(value, _hints(type(cfg))[head], path)})
+  return replace_paths(cfg, {path: value})
 
 
 def apply_overrides(cfg: Any, assignments: list[str] | dict[str, Any]) -> Any:
-  """Applies `a.b=c` strings (or a {path: value} mapping) in order."""
+  """Applies `a.b=c` strings (or a {path: value} mapping); later ones win; built once."""
   items = assignments.items() if isinstance(assignments, dict) else [
       _split_assignment(a) for a in assignments]
-  for path, value in items:
-    cfg = override(cfg, path, value)
-  return cfg
+  return replace_paths(cfg, dict(items)) if items else cfg
 
 
 def _split_assignment(text: str) -> tuple[str, str]:

@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from cdquant_jax.solvers import api
+from cdquant_jax.solvers import api, knobs
 
 LLAMA_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPTQ_STYLE = ("rtn", "gptq", "cd", "bcd", "cyclic")
@@ -61,8 +61,8 @@ def synthetic_problem(d_out: int, d_in: int, seed: int = 0) -> tuple[np.ndarray,
 def method_config(method: str, setting: Setting):
   cfg = api.default_config(method)
   if method in SPQR_STYLE:  # SpQR has its own small groups: only the weight bits vary
-    return api.apply_knobs(cfg, dict(bits=setting.bits))
-  return api.apply_knobs(cfg, dict(bits=setting.bits, group_size=setting.group_size))
+    return knobs.apply(cfg, bits=setting.bits)
+  return knobs.apply(cfg, bits=setting.bits, group_size=setting.group_size)
 
 
 _WARMED: set = set()
@@ -101,7 +101,7 @@ def run_problem_set(problems, methods, settings, *, warmup: bool, log) -> list[d
         seconds += sec
         outliers += int(np.sum(np.asarray(res.outlier_mask)))
         n_params += W.size
-        bits = bits_both_ways(method, res, cfg)
+        bits = bits_both_ways(res)
       rows.append(dict(setting=setting.name, method=method,
                        rel=total / sum(energies.values()), seconds=seconds,
                        outlier_fraction=outliers / n_params, bits=bits))
@@ -109,11 +109,11 @@ def run_problem_set(problems, methods, settings, *, warmup: bool, log) -> list[d
   return rows
 
 
-def bits_both_ways(method, res, cfg) -> tuple[float, float]:
+def bits_both_ways(res) -> tuple[float, float]:
   """(paper formula, stored bits) of the last layer of a set, via the packed format."""
   from cdquant_jax.quant import bits as bits_lib
   from cdquant_jax.quant import qweight
-  packed = qweight.pack_result(res, method=method, **api.pack_flags(cfg))
+  packed = qweight.pack_result(res)
   report = bits_lib.bits_report(packed)
   return report["bits_formula"], report["bits_stored"]
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from cdquant_jax.solvers import api
+from cdquant_jax.solvers import api, knobs
 
 DEMO_METHODS = ("gptq", "cd")
 LAYER_METHODS = ("rtn", "gptq", "cd", "bcd", "cyclic", "spqr", "spqr-cd")
@@ -106,7 +106,7 @@ def run_layers(args: argparse.Namespace) -> int:
   energy = sum(float(np.sum((W.astype(np.float64) @ H) * W)) for W, H in problems.values())
   print(f"{'method':10s} {'rel. objective':>15s} {'bits/param':>11s} {'seconds':>8s}")
   for method in (args.methods or ",".join(LAYER_METHODS)).split(","):
-    cfg = api.apply_knobs(api.default_config(method), dict(bits=args.bits))
+    cfg = knobs.apply(api.default_config(method), bits=args.bits)
     total, outliers, seconds = 0.0, 0, 0.0
     for name, (W, H) in problems.items():
       start = time.perf_counter()
@@ -124,10 +124,10 @@ def run_layers(args: argparse.Namespace) -> int:
 def _layer_bits(method, cfg, share):
   from cdquant_jax.quant.bits import bits_formula  # pylint: disable=import-outside-toplevel
   if method.startswith("spqr"):
-    s = cfg if method == "spqr" else cfg.spqr
-    return bits_formula(bits=s.bits, group_size=s.groupsize, qq_groupsize=s.qq_groupsize,
-                        qq_scale_bits=s.qq_scale_bits, qq_zero_bits=s.qq_zero_bits,
-                        round_zero=s.round_zero, outlier_share=share)
+    return bits_formula(bits=cfg.grid.bits, group_size=cfg.grid.group_size,
+                        qq_groupsize=cfg.qq.group_size, qq_scale_bits=cfg.qq.scale_bits,
+                        qq_zero_bits=cfg.qq.zero_bits, round_zero=cfg.grid.round_zero,
+                        outlier_share=share)
   grid = cfg.grid
   return bits_formula(bits=grid.bits, group_size=None if grid.group_size == -1 else grid.group_size,
                       qq_groupsize=None, qq_scale_bits=None, qq_zero_bits=None)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from cdquant_jax import config as config_lib
-from cdquant_jax.solvers import api
+from cdquant_jax.solvers import api, knobs
 
 EXIT_BAD_INPUT = 2
 
@@ -30,41 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--input", required=True, help="npz with W [d_out, d_in] and H [d_in, d_in]")
   p.add_argument("--output", help="npz to write Q, codes, scales, zeros, ...")
   p.add_argument("--method", required=True, choices=api.METHODS)
-  p.add_argument("--bits", type=int)
-  p.add_argument("--group-size", type=int, help="input columns per group; -1 = per channel")
-  p.add_argument("--sym", action="store_true", default=None)
-  p.add_argument("--act-order", action="store_true", default=None)
-  p.add_argument("--static-groups", action="store_true", default=None)
-  p.add_argument("--percdamp", type=float)
-  p.add_argument("--blocksize", type=int)
-  p.add_argument("--init", choices=("rtn", "owc", "gptq", "cd"))
-  p.add_argument("--scale-search", choices=("minmax", "mse", "owc"))
-  p.add_argument("--max-steps-factor", type=float, help="CD step budget as a multiple of d_in")
-  p.add_argument("--refit-rounds", type=int, help="CD with groups: closed-form grid refits")
-  p.add_argument("--qq-bits", type=int, help="SpQR second-level bits (scales and zeros)")
-  p.add_argument("--qq-group-size", type=int, help="SpQR second-level group (output rows)")
-  p.add_argument("--outlier-threshold", type=float, help="SpQR relative outlier threshold τ")
-  p.add_argument("--permutation-order", choices=("identity", "act_order"))
-  p.add_argument("--simplified-outliers", action="store_true", default=None)
-  p.add_argument("--round-zero", action="store_true", default=None)
+  knobs.add_arguments(p)
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="any other config field by dotted path, e.g. --set resync_every=256")
   p.add_argument("--layer-name", default="layer", help="name used in messages")
   p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
-KNOB_FLAGS = ("bits", "group_size", "sym", "act_order", "static_groups", "percdamp", "blocksize",
-              "init", "scale_search", "max_steps_factor", "refit_rounds", "qq_bits",
-              "qq_group_size", "outlier_threshold", "permutation_order", "simplified_outliers",
-              "round_zero")
-
-
 def build_config(args: argparse.Namespace):
   """The method's default config with the given flags and --set overrides applied."""
-  cfg = api.default_config(args.method)
-  knobs = {k: getattr(args, k) for k in KNOB_FLAGS}
-  cfg = api.apply_knobs(cfg, knobs)
-  return config_lib.apply_overrides(cfg, args.set)
+  cfg = config_lib.apply_overrides(api.default_config(args.method), args.set)
+  return knobs.apply(cfg, knobs.from_namespace(args))
 
 
 def load_problem(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +79,7 @@ def summarize(method: str, W: np.ndarray, H: np.ndarray, result, seconds: float,
   E = W64 - np.asarray(result.Q, np.float64)
   objective = float(np.sum((E @ H64) * E))
   energy = float(np.sum((W64 @ H64) * W64))
-  packed = qweight.pack_result(result, method=method, **api.pack_flags(cfg))
+  packed = qweight.pack_result(result)
   report = bits_lib.bits_report(packed)
   n_out = int(np.sum(np.asarray(result.outlier_mask)))
   return dict(
@@ -115,11 +91,17 @@ def summarize(method: str, W: np.ndarray, H: np.ndarray, result, seconds: float,
 
 
 def write_output(path: str, result) -> None:
+  """Writes the result's arrays to an .npz; SpQR's second-level stats as "spqr_<field>"
+  (arrays, plus the code widths and group sizes as int32 scalars)."""
   arrays = dict(Q=np.asarray(result.Q, np.float32), codes=np.asarray(result.codes),
                 scale=np.asarray(result.grid.scale), zero=np.asarray(result.grid.zero),
                 group_index=np.asarray(result.grid.group_index), perm=np.asarray(result.perm),
                 outlier_mask=np.asarray(result.outlier_mask))
-  arrays.update({f"extra_{k}": np.asarray(v) for k, v in result.extras.items()})
+  if result.spqr is not None:
+    stats = result.spqr
+    arrays.update({f"spqr_{k}": np.asarray(v) for k, v in stats.arrays().items()})
+    for k in ("qq_scale_bits", "qq_zero_bits", "qq_groupsize", "groupsize"):
+      arrays[f"spqr_{k}"] = np.asarray(getattr(stats, k), np.int32)
   from cdquant_jax.io_utils import atomic_write_npz
   atomic_write_npz(path, arrays)
 

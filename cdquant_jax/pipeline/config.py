@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from cdquant_jax import config as config_lib
 from cdquant_jax.solvers import api
+from cdquant_jax.solvers import knobs as knobs_lib
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,31 +49,8 @@ class CalibrationData:
   field: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Knobs:
-  """Friendly solver settings (`api.KNOB_PATHS`); None leaves the method's value alone."""
-
-  bits: int | None = None
-  group_size: int | None = None
-  sym: bool | None = None
-  act_order: bool | None = None
-  static_groups: bool | None = None
-  percdamp: float | None = None
-  blocksize: int | None = None
-  init: str | None = None
-  scale_search: str | None = None
-  max_steps_factor: float | None = None
-  refit_rounds: int | None = None
-  qq_bits: int | None = None
-  qq_group_size: int | None = None
-  outlier_threshold: float | None = None
-  permutation_order: str | None = None
-  simplified_outliers: bool | None = None
-  round_zero: bool | None = None
-
-  def as_dict(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None}
+# Friendly solver settings, generated from the one knob table (`solvers.knobs.KNOBS`).
+Knobs = knobs_lib.KnobSettings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -245,24 +223,13 @@ def solver_for(quant: QuantSettings, name: str) -> tuple[str, Any]:
     method = rule.method or method
   try:
     cfg = api.config_from_dict(method, quant.solvers.get(method))
-    cfg = api.apply_knobs(cfg, quant.knobs.as_dict())
+    cfg = knobs_lib.apply(cfg, quant.knobs.as_dict())
     for rule in rules:
-      cfg = api.apply_knobs(cfg, rule.knobs.as_dict())
+      cfg = knobs_lib.apply(cfg, rule.knobs.as_dict())
       cfg = config_lib.apply_overrides(cfg, dict(rule.set))
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"module {name} ({method}): {e}") from e
   return method, cfg
-
-
-def pack_options(method: str, cfg: Any, quant: QuantSettings) -> dict[str, Any]:
-  """`pack_result` keyword arguments for a solver config (sym, round_zero, qq bits)."""
-  is_spqr = method.startswith("spqr")
-  qq = [p for p in ("qq_scale_bits", "spqr.qq_scale_bits") if config_lib.has_path(cfg, p)]
-  spqr_cfg = getattr(cfg, "spqr", cfg)
-  return dict(**api.pack_flags(cfg),
-              qq_scale_bits=getattr(spqr_cfg, "qq_scale_bits", None) if qq else None,
-              qq_zero_bits=getattr(spqr_cfg, "qq_zero_bits", None) if qq else None,
-              allow_lossy_outliers=is_spqr and quant.spqr_lossy_outliers)
 
 
 def resolve_model_path(path: str) -> str:

@@ -31,6 +31,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import HIGHEST
 
 SPQR_SCALE_EPS = 1e-9  # SpQR clamps the scale to this before dividing.
@@ -73,6 +74,24 @@ class GridConfig:
   # packed format). False keeps the reference's float32 statistics.
   fp16_stats: bool = False
 
+  def __post_init__(self):
+    """Rejects values no grid can honour, and search settings its `scale_search` never reads."""
+    check = config_lib.reject_unless
+    check(isinstance(self.bits, int) and 1 <= self.bits <= 8,
+          f"bits must be an integer in [1, 8], got {self.bits!r}")
+    check(self.group_size == -1 or self.group_size > 0,
+          f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+    check(self.scale_search in ("minmax", "mse", "owc"),
+          f"scale_search must be one of ['minmax', 'mse', 'owc'], got {self.scale_search!r}")
+    check(not self.round_zero or self.flavor == Flavor.SPQR,
+          "round_zero=True only applies to the SpQR flavour (GPTQ zero points are integers)")
+    check(not (self.round_zero and self.sym),
+          "round_zero=True does not apply to a symmetric grid (its zero point is fixed)")
+    unused = {"mse": ("owc_grid", "owc_max_shrink"), "owc": ("mse_norm", "mse_grid",
+              "mse_max_shrink")}.get(self.scale_search, _SEARCH_FIELDS)
+    changed = [f for f in unused if getattr(self, f) != _GRID_DEFAULTS[f]]
+    check(not changed, f"{changed} set but scale_search={self.scale_search!r} does not use them")
+
   @property
   def maxq(self) -> int:
     return 2**self.bits - 1
@@ -93,6 +112,10 @@ class GridConfig:
     return d_in // g, g
 
 
+_SEARCH_FIELDS = ("mse_norm", "mse_grid", "mse_max_shrink", "owc_grid", "owc_max_shrink")
+_GRID_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GridConfig)}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Grid:
@@ -104,6 +127,9 @@ class Grid:
     group_index: [d_in] int32, group of each input column in the layer's ORIGINAL column order.
     maxq: static, 2^bits − 1.
     flavor: static, the code rule (see module docstring).
+    sym: static, fitted as a symmetric grid (GridConfig.sym); recorded by the packed format.
+    round_zero: static, GridConfig.round_zero (SpQR flavour: integer zero points); recorded by
+      the packed format (it changes the paper's bits formula).
   """
 
   scale: jax.Array
@@ -111,6 +137,8 @@ class Grid:
   group_index: jax.Array
   maxq: int = dataclasses.field(metadata=dict(static=True))
   flavor: Flavor = dataclasses.field(metadata=dict(static=True))
+  sym: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  round_zero: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   def expand(self) -> tuple[jax.Array, jax.Array]:
     """Per-weight (scale, zero), each [d_out, d_in]."""
@@ -264,7 +292,7 @@ def fit_grid(W: jax.Array, cfg: GridConfig, H: jax.Array | None = None) -> Grid:
   else:
     scale, zero = minmax_params(Wg, cfg)
   return Grid(scale=scale, zero=zero, group_index=contiguous_group_index(d_in, cfg.group_size),
-              maxq=cfg.maxq, flavor=cfg.flavor)
+              maxq=cfg.maxq, flavor=cfg.flavor, sym=cfg.sym, round_zero=cfg.round_zero)
 
 
 def quantize(W: jax.Array, grid: Grid) -> jax.Array:

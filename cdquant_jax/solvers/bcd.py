@@ -34,35 +34,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib
-from cdquant_jax.solvers.cd import (NOISE_ULPS, CDConfig, cd, code_values, grid_arrays,
+from cdquant_jax.solvers.cd import (NOISE_ULPS, CDConfig, CDOptions, cd, code_values, grid_arrays,
                                     phase_sizes, take_rows)
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.result import SolveResult
 
 Partition = Literal["correlated", "cyclic", "random"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BCDConfig:
-  """BCD settings. Block size, block choice and budgets are unpublished: all ablatable."""
+class BlockOptions:
+  """Block-move settings without grid or start (BCD's own, and SpQR+CD's BCD refinement).
 
-  # Grid of the solution (overrides the CD/GPTQ init's grid).
-  grid: GridConfig = GridConfig()
+  Block size, block choice and budgets are unpublished: all ablatable.
+  """
+
   # Coordinates per block, 2..4.
   block_size: int = 2
   # Block choice (module docstring): "correlated", "cyclic" or "random".
   partition: Partition = "correlated"
-  # Correlated partners per coordinate (the measured guidance used 16).
+  # Correlated partners per coordinate (the measured guidance used 16); "correlated" only.
   n_partners: int = 16
   # Neighbourhood: each coordinate's code moves by at most this many steps.
   radius: int = 1
-  # Start: "cd" (greedy CD with `cd`, its grid replaced) or "gptq" (with `cd.gptq`).
-  init: Literal["cd", "gptq"] = "cd"
-  # Settings of the CD init (also holds the GPTQ settings used by either init).
-  cd: CDConfig = CDConfig()
   # Block-move budget per row = ceil(factor · d_in) greedy steps.
   max_steps_factor: float = 0.5
   # Anchors kept per row by a scan.
@@ -71,26 +70,59 @@ class BCDConfig:
   rescan_every: int = 32
   # Exact recomputation of G every this many steps.
   resync_every: int = 512
-  # Seed of the "random" partition.
+  # Seed of the "random" partition ("random" only).
   seed: int = 0
   # Smallest row-compaction phase (as in CD); speed only.
   min_phase_rows: int = 64
 
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    check(2 <= self.block_size <= 4, f"block_size must be in [2, 4], got {self.block_size}")
+    check(self.partition in ("correlated", "cyclic", "random"),
+          f"partition must be one of ['correlated', 'cyclic', 'random'], got {self.partition!r}")
+    check(self.n_partners >= self.block_size - 1,
+          f"n_partners must be >= block_size - 1, got {self.n_partners}")
+    check(self.partition == "correlated" or self.n_partners == 16,
+          f"n_partners only applies to partition='correlated', got {self.partition!r}")
+    check(self.partition == "random" or self.seed == 0,
+          f"seed only applies to partition='random', got {self.partition!r}")
+    for name in ("radius", "candidates", "rescan_every", "resync_every", "min_phase_rows"):
+      check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+    check(self.max_steps_factor > 0,
+          f"max_steps_factor must be positive, got {self.max_steps_factor}")
+
+  def max_steps(self, d_in: int) -> int:
+    return max(1, math.ceil(self.max_steps_factor * d_in))
+
   def validate(self, d_in: int) -> None:
+    """Shape checks (ValueError)."""
+    if self.block_size > d_in:
+      raise ValueError(f"block_size must be <= d_in={d_in}, got {self.block_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BCDConfig(BlockOptions):
+  """BCD: a start on `grid` (RTN or GPTQ), optionally greedy CD, then block moves."""
+
+  # Grid of the solution and of its start.
+  grid: GridConfig = GridConfig()
+  # Starting point: RTN or GPTQ (with its options) on `grid`.
+  init: InitConfig = InitConfig()
+  # Run greedy CD (settings `cd`) from the start before the block moves.
+  cd_first: bool = True
+  # The CD stage (cd_first only).
+  cd: CDOptions = CDOptions()
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.init.check_grid(self.grid)
+    config_lib.reject_unless(self.cd_first or self.cd == CDOptions(),
+                             "cd settings only apply with cd_first=True")
+
+  def validate(self, d_in: int) -> None:
+    """Shape checks (ValueError)."""
     self.grid.validate(d_in)
-    if not 2 <= self.block_size <= 4 or self.block_size > d_in:
-      raise ValueError(f"block_size must be in [2, 4] and <= d_in={d_in}, got {self.block_size}")
-    if self.partition not in ("correlated", "cyclic", "random"):
-      raise ValueError(f"unknown partition {self.partition!r}")
-    if self.n_partners < self.block_size - 1:
-      raise ValueError(f"n_partners must be >= block_size - 1, got {self.n_partners}")
-    if self.init not in ("cd", "gptq"):
-      raise ValueError(f"init must be 'cd' or 'gptq', got {self.init!r}")
-    for name in ("radius", "candidates", "rescan_every", "resync_every"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.max_steps_factor <= 0:
-      raise ValueError(f"max_steps_factor must be positive, got {self.max_steps_factor}")
+    super().validate(d_in)
 
 
 def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
@@ -104,10 +136,11 @@ def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
   hessian.check_layer_problem(W, H, layer=layer)
   d_in = jnp.shape(W)[1]
   cfg.validate(d_in)
-  if cfg.init == "cd":
-    init = cd(W, H, dataclasses.replace(cfg.cd, grid=cfg.grid), layer=layer)
+  if cfg.cd_first:
+    cd_cfg = CDConfig(grid=cfg.grid, init=cfg.init, **config_lib.fields_dict(cfg.cd))
+    init = cd(W, H, cd_cfg, layer=layer)
   else:
-    init = init_lib.initial_solution(W, H, "gptq", cfg.grid, cfg.cd.gptq, layer=layer)
+    init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, layer=layer)
   start = init_lib.start_point(W, H, init)
   blocks = make_blocks(np.asarray(start.H), cfg.block_size, cfg.partition, cfg.n_partners,
                        cfg.seed)

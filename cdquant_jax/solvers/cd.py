@@ -29,16 +29,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib, refit as refit_lib
-from cdquant_jax.solvers.gptq import GPTQConfig
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.result import SolveResult
 
 # A move must lower the objective by more than this many ulps of the terms of its Δ.
@@ -46,42 +46,58 @@ NOISE_ULPS = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CDConfig:
-  """Greedy CD settings. The paper does not publish its budget or init details: all ablatable."""
+class GreedyOptions:
+  """Greedy CD loop settings, without grid or start (shared by CD, BCD's CD stage, SpQR+CD)."""
 
-  # Grid (bits, group size, sym, flavour, scale search of the RTN init).
-  grid: GridConfig = GridConfig()
-  # Starting point: "rtn", "owc" (RTN on the H-weighted clipping grid) or "gptq".
-  init: Literal["rtn", "owc", "gptq"] = "gptq"
-  # Settings of the GPTQ init (its grid is replaced by `grid`). act_order=True is the best
-  # single-coordinate configuration measured (algorithms.md 7).
-  gptq: GPTQConfig = GPTQConfig()
   # Step budget per row = ceil(factor · d_in) greedy steps ("one sweep-equivalent" at 1.0).
   # Rows stop earlier at a 1-opt point, which measured layers reach after a few % of d_in.
   max_steps_factor: float = 1.0
   # Recompute G = (Q − W) H and the objective exactly every this many steps (kills f32 drift).
   resync_every: int = 512
-  # Alternating rounds of (closed-form (scale, zero) refit with codes fixed, then CD again).
-  # Meant for group grids (algorithms.md 3.3); 0 = the grid of the init is kept.
-  refit_rounds: int = 0
   # Smallest row count of a compaction phase (see the module docstring); affects speed only.
   min_phase_rows: int = 64
+
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    check(self.max_steps_factor > 0,
+          f"max_steps_factor must be positive, got {self.max_steps_factor}")
+    check(self.resync_every > 0, f"resync_every must be positive, got {self.resync_every}")
+    check(self.min_phase_rows > 0, f"min_phase_rows must be positive, got {self.min_phase_rows}")
 
   def max_steps(self, d_in: int) -> int:
     return max(1, math.ceil(self.max_steps_factor * d_in))
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CDOptions(GreedyOptions):
+  """Greedy CD settings without grid or start (CD's own, and BCD's CD stage)."""
+
+  # Alternating rounds of (closed-form (scale, zero) refit with codes fixed, then CD again).
+  # Meant for group grids (algorithms.md 3.3); 0 = the grid of the init is kept.
+  refit_rounds: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    config_lib.reject_unless(self.refit_rounds >= 0,
+                             f"refit_rounds must be >= 0, got {self.refit_rounds}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CDConfig(CDOptions):
+  """Greedy CD settings. The paper does not publish its budget or init details: all ablatable."""
+
+  # Grid of the solution and of its start (bits, group size, sym, flavour, scale search).
+  grid: GridConfig = GridConfig()
+  # Starting point: RTN or GPTQ (with its options) on `grid`.
+  init: InitConfig = InitConfig()
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.init.check_grid(self.grid)
+
   def validate(self, d_in: int) -> None:
+    """Shape checks (ValueError): the group size must divide d_in."""
     self.grid.validate(d_in)
-    if self.init not in init_lib.INIT_METHODS:
-      raise ValueError(f"init must be one of {init_lib.INIT_METHODS}, got {self.init!r}")
-    if self.max_steps_factor <= 0:
-      raise ValueError(f"max_steps_factor must be positive, got {self.max_steps_factor}")
-    if self.resync_every <= 0:
-      raise ValueError(f"resync_every must be positive, got {self.resync_every}")
-    if self.refit_rounds < 0:
-      raise ValueError(f"refit_rounds must be >= 0, got {self.refit_rounds}")
-    if self.min_phase_rows <= 0:
-      raise ValueError(f"min_phase_rows must be positive, got {self.min_phase_rows}")
 
 
 def cd(W, H, cfg: CDConfig = CDConfig(), *, layer: str = "?") -> SolveResult:
@@ -99,7 +115,7 @@ def cd(W, H, cfg: CDConfig = CDConfig(), *, layer: str = "?") -> SolveResult:
   hessian.check_layer_problem(W, H, layer=layer)
   d_in = jnp.shape(W)[1]
   cfg.validate(d_in)
-  init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, cfg.gptq, layer=layer)
+  init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, layer=layer)
   start = init_lib.start_point(W, H, init)
   refine = functools.partial(refine_greedy, start.W, start.H, max_steps=cfg.max_steps(d_in),
                              resync_every=cfg.resync_every, min_phase_rows=cfg.min_phase_rows)

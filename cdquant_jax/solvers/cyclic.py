@@ -22,12 +22,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
 from cdquant_jax.solvers import hessian, init as init_lib
 from cdquant_jax.solvers.cd import NOISE_ULPS, code_values, grid_arrays
-from cdquant_jax.solvers.gptq import GPTQConfig
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.result import SolveResult
 
 
@@ -35,28 +36,30 @@ from cdquant_jax.solvers.result import SolveResult
 class CyclicConfig:
   """Cyclic CD settings."""
 
-  # Grid of the solution (and of the RTN/OWC/GPTQ start).
+  # Grid of the solution and of its start.
   grid: GridConfig = GridConfig()
-  # Starting point: "rtn", "owc" or "gptq".
-  init: Literal["rtn", "owc", "gptq"] = "gptq"
-  # GPTQ settings of the "gptq" init (its grid is replaced by `grid`).
-  gptq: GPTQConfig = GPTQConfig()
+  # Starting point: RTN or GPTQ (with its options) on `grid`.
+  init: InitConfig = InitConfig()
   # Sweeps at most; stops earlier at a fixed point. Measured layers needed 12-17 sweeps from
   # GPTQ (algorithms.md 7); QuantEase's default is 30 iterations (a third of them relaxed).
   sweeps: int = 16
-  # Visit columns by descending diag(H) (act-order) instead of the natural order.
-  act_order: bool = False
+  # Column visiting order of a sweep: "natural" or "diag_desc" (descending diag(H)). Not the
+  # knob act_order, which is the processing order of the GPTQ start.
+  visit_order: Literal["natural", "diag_desc"] = "natural"
   # Columns per lazy batch; speed only.
   blocksize: int = 128
 
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    check(self.sweeps > 0, f"sweeps must be positive, got {self.sweeps}")
+    check(self.blocksize > 0, f"blocksize must be positive, got {self.blocksize}")
+    check(self.visit_order in ("natural", "diag_desc"),
+          f"visit_order must be 'natural' or 'diag_desc', got {self.visit_order!r}")
+    self.init.check_grid(self.grid)
+
   def validate(self, d_in: int) -> None:
+    """Shape checks (ValueError)."""
     self.grid.validate(d_in)
-    if self.init not in init_lib.INIT_METHODS:
-      raise ValueError(f"init must be one of {init_lib.INIT_METHODS}, got {self.init!r}")
-    if self.sweeps <= 0:
-      raise ValueError(f"sweeps must be positive, got {self.sweeps}")
-    if self.blocksize <= 0:
-      raise ValueError(f"blocksize must be positive, got {self.blocksize}")
 
 
 def cyclic(W, H, cfg: CyclicConfig = CyclicConfig(), *, layer: str = "?") -> SolveResult:
@@ -71,9 +74,9 @@ def cyclic(W, H, cfg: CyclicConfig = CyclicConfig(), *, layer: str = "?") -> Sol
   hessian.check_layer_problem(W, H, layer=layer)
   d_in = jnp.shape(W)[1]
   cfg.validate(d_in)
-  init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, cfg.gptq, layer=layer)
+  init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, layer=layer)
   start = init_lib.start_point(W, H, init)
-  order = (hessian.act_order_permutation(start.H) if cfg.act_order
+  order = (hessian.act_order_permutation(start.H) if cfg.visit_order == "diag_desc"
            else jnp.arange(d_in, dtype=jnp.int32))
   Q, diag = refine_cyclic(start.W, start.H, start.Q, start.grid, sweeps=cfg.sweeps,
                           blocksize=cfg.blocksize, order=order)

@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot, layer_objective
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
@@ -31,36 +32,69 @@ from cdquant_jax.solvers.result import SolveResult, no_outliers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GPTQConfig:
-  """GPTQ settings (reference defaults)."""
+class GPTQOptions:
+  """GPTQ's sweep settings without a grid (reference defaults).
 
-  # Grid (bits, group size, sym, scale search: minmax or mse; owc only for fixed parameters).
-  grid: GridConfig = GridConfig()
+  The GPTQ solver adds its grid (`GPTQConfig`); the GPTQ init of CD, BCD and cyclic CD takes
+  these options (`init.InitConfig`) and the grid of the solver it starts.
+  """
+
   # Columns per lazy-update block; affects speed only.
   blocksize: int = 128
   # Relative damping: H += percdamp · mean(diag H) · I.
   percdamp: float = 0.01
   # Process columns by descending diag(H).
   act_order: bool = False
-  # Fit every group once on the original weights before the sweep.
+  # Fit every group once on the original weights before the sweep (groups only).
   static_groups: bool = False
-  # Fit mid-block groups on fully updated weights (the reference uses the outer W).
+  # Fit mid-block groups on fully updated weights (the reference uses the outer W; dynamic
+  # groups only).
   exact_groups: bool = False
   # Damping escalations (×10 each) tried when the Cholesky fails.
   max_damp_escalations: int = 4
 
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    check(self.blocksize > 0, f"blocksize must be positive, got {self.blocksize}")
+    check(self.percdamp >= 0, f"percdamp must be >= 0, got {self.percdamp}")
+    check(self.max_damp_escalations >= 0,
+          f"max_damp_escalations must be >= 0, got {self.max_damp_escalations}")
+
+  def check_grid(self, grid: GridConfig) -> None:
+    """Rejects options that this grid makes meaningless or impossible (ConfigError)."""
+    check = config_lib.reject_unless
+    check(grid.flavor == Flavor.GPTQ,
+          "GPTQ uses the GPTQ grid flavour; use the SpQR solver for SpQR grids")
+    check(grid.bits >= 2, f"grid.bits must be in [2, 8], got {grid.bits}")
+    per_channel = grid.group_size == -1
+    check(not (self.static_groups and per_channel),
+          "static_groups=True needs a group grid (grid.group_size != -1)")
+    check(not (self.exact_groups and (per_channel or self.static_groups)),
+          "exact_groups=True only applies to dynamic groups (a group grid without static_groups)")
+    check(not (grid.scale_search == "owc" and not per_channel and not self.static_groups),
+          "grid.scale_search='owc' needs fixed grid parameters: use per-channel or static "
+          "groups with GPTQ")
+
+  def with_grid(self, grid: GridConfig) -> "GPTQConfig":
+    """The GPTQ solver config of these options on `grid`."""
+    options = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTQOptions)}
+    return GPTQConfig(grid=grid, **options)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig(GPTQOptions):
+  """GPTQ settings: a grid (bits, group size, sym, scale search: minmax, mse; owc only for
+  fixed parameters) and the sweep options."""
+
+  grid: GridConfig = GridConfig()
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.check_grid(self.grid)
+
   def validate(self, d_in: int) -> None:
+    """Shape checks (ValueError): the group size must divide d_in."""
     self.grid.validate(d_in)
-    if self.grid.flavor != Flavor.GPTQ:
-      raise ValueError("GPTQ uses the GPTQ grid flavour; use the SpQR solver for SpQR grids")
-    if self.blocksize <= 0:
-      raise ValueError(f"blocksize must be positive, got {self.blocksize}")
-    if self.percdamp < 0:
-      raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
-    dynamic_groups = self.grid.group_size != -1 and not self.static_groups
-    if self.grid.scale_search == "owc" and dynamic_groups:
-      raise ValueError("scale_search='owc' needs fixed grid parameters: use per-channel or "
-                       "static groups with GPTQ")
 
 
 def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResult:
@@ -108,8 +142,7 @@ def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResu
   else:
     # Groups are contiguous in processing order: column perm[j] belongs to group j // g.
     group_index = (jnp.arange(d_in, dtype=jnp.int32) // g)[inv]
-    grid = Grid(scale=scale, zero=zero, group_index=group_index, maxq=cfg.grid.maxq,
-                flavor=Flavor.GPTQ)
+    grid = dataclasses.replace(row_grid, scale=scale, zero=zero, group_index=group_index)
   Q = Qp[:, inv]
   return SolveResult(
       Q=Q, codes=codes_p[:, inv], grid=grid, perm=perm, objective=layer_objective(W, Q, H),

@@ -1,12 +1,13 @@
-"""Starting points of the coordinate-descent solvers: RTN, OWC or GPTQ, as a SolveResult.
+"""Starting points of the coordinate-descent solvers: RTN or GPTQ on the solver's grid.
 
-  rtn   round to nearest on a grid fitted with `grid.scale_search` (minmax / mse / owc);
-  owc   round to nearest on a grid fitted with the H-weighted clipping search (CDQuant's
-        initialisation as the ICLR reviews describe it, algorithms.md 3.3);
-  gptq  GPTQ (its own config; its grid is replaced by the CD grid).
+  rtn   round to nearest on the solver's grid, fitted with its `grid.scale_search` (minmax /
+        mse / owc; owc is CDQuant's "optimal weight clipping" start, algorithms.md 3.3);
+  gptq  GPTQ with the init's GPTQ options on the solver's grid.
 
-Every start is put in the form the descent solvers expect (`start_point`): dead columns
-(H_ii == 0) hold the code of 0, and the solver's weights have those columns zeroed, as GPTQ does.
+An `InitConfig` has no grid: the grid of a descent solver is the grid of its start by
+construction. Every start is put in the form the descent solvers expect (`start_point`): dead
+columns (H_ii == 0) hold the code of 0, and the solver's weights have those columns zeroed, as
+GPTQ does.
 """
 
 from __future__ import annotations
@@ -17,40 +18,64 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import layer_objective
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid, GridConfig
 from cdquant_jax.solvers import hessian
-from cdquant_jax.solvers.gptq import GPTQConfig, gptq
+from cdquant_jax.solvers.gptq import GPTQOptions, gptq
 from cdquant_jax.solvers.result import SolveResult
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
 
-InitMethod = Literal["rtn", "owc", "gptq"]
-INIT_METHODS = ("rtn", "owc", "gptq")
+INIT_METHODS = ("rtn", "gptq")
 
 
-def initial_solution(W, H, method: InitMethod, grid_cfg: GridConfig,
-                     gptq_cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResult:
-  """Runs the initialisation `method` on the layer problem (W [d_out, d_in], H [d_in, d_in]).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitConfig(GPTQOptions):
+  """The start of a descent solver: `method` and, for "gptq", GPTQ's sweep options.
+
+  act_order=True (GPTQ with act-order) is the best single-coordinate start measured
+  (algorithms.md 7). The GPTQ options must keep their defaults when method is "rtn".
+  """
+
+  method: Literal["rtn", "gptq"] = "gptq"
+
+  def __post_init__(self):
+    super().__post_init__()
+    config_lib.reject_unless(self.method in INIT_METHODS,
+                             f"method must be one of {list(INIT_METHODS)}, got {self.method!r}"
+                             + ("; the OWC start is method=rtn with grid.scale_search=owc"
+                                if self.method == "owc" else ""))
+    if self.method != "gptq":
+      changed = config_lib.changed_fields(self.options(), GPTQOptions())
+      config_lib.reject_unless(not changed, f"{changed} only apply to method='gptq', "
+                                            f"got method={self.method!r}")
+
+  def options(self) -> GPTQOptions:
+    """The GPTQ options alone."""
+    return GPTQOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTQOptions)})
+
+  def check_grid(self, grid: GridConfig) -> None:
+    """Rejects a start that cannot run on the solver's grid (ConfigError)."""
+    config_lib.reject_unless(grid.bits >= 2, f"grid.bits must be in [2, 8], got {grid.bits}")
+    if self.method == "gptq":
+      self.options().check_grid(grid)
+
+
+def initial_solution(W, H, init: InitConfig, grid: GridConfig, *, layer: str = "?") -> SolveResult:
+  """Runs the start `init` on the layer problem (W [d_out, d_in], H [d_in, d_in] undamped).
 
   Args:
     W, H: layer problem (H undamped).
-    method: "rtn", "owc" or "gptq".
-    grid_cfg: the grid of the descent solver (overrides `gptq_cfg.grid`; "owc" overrides its
-      scale search).
-    gptq_cfg: GPTQ settings for method "gptq" (act_order, percdamp, static_groups, ...).
+    init: the start (method and GPTQ options).
+    grid: the descent solver's grid, which the start uses.
     layer: name used in error messages.
   Returns:
     The initial SolveResult (its diagnostics carry the GPTQ damping for method "gptq").
   """
-  if method == "rtn":
-    return rtn(W, H, RTNConfig(grid=grid_cfg), layer=layer)
-  if method == "owc":
-    return rtn(W, H, RTNConfig(grid=dataclasses.replace(grid_cfg, scale_search="owc")),
-               layer=layer)
-  if method == "gptq":
-    return gptq(W, H, dataclasses.replace(gptq_cfg, grid=grid_cfg), layer=layer)
-  raise ValueError(f"layer {layer}: unknown init {method!r}; expected one of {INIT_METHODS}")
+  if init.method == "rtn":
+    return rtn(W, H, RTNConfig(grid=grid), layer=layer)
+  return gptq(W, H, init.options().with_grid(grid), layer=layer)
 
 
 class StartPoint(NamedTuple):
@@ -84,8 +109,8 @@ def start_point(W, H, init: SolveResult) -> StartPoint:
   dead = hessian.dead_columns(H)
   W = jnp.where(dead[None, :], 0.0, W)
   codes = jnp.where(dead[None, :], grids.quantize(jnp.zeros_like(W), init.grid), init.codes)
-  grid = Grid(scale=init.grid.scale.astype(dtype), zero=init.grid.zero.astype(dtype),
-              group_index=init.grid.group_index, maxq=init.grid.maxq, flavor=init.grid.flavor)
+  grid = dataclasses.replace(init.grid, scale=init.grid.scale.astype(dtype),
+                             zero=init.grid.zero.astype(dtype))
   return StartPoint(W=W, H=H, Q=grids.dequantize(codes, grid), grid=grid, dead=dead)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import layer_objective
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import GridConfig
@@ -18,6 +19,10 @@ class RTNConfig:
   """RTN settings: only the grid (its `scale_search` picks minmax, mse or owc)."""
 
   grid: GridConfig = GridConfig()
+
+  def __post_init__(self):
+    config_lib.reject_unless(self.grid.bits >= 2, f"grid.bits must be in [2, 8], got "
+                                                   f"{self.grid.bits}")
 
 
 def rtn(W, H, cfg: RTNConfig = RTNConfig(), *, layer: str = "?") -> SolveResult:

@@ -17,7 +17,7 @@ fori_loop over segments of min(groupsize, blocksize) columns (group statistics a
 block; after it, one [d_in, B] @ [B, d_out] matmul (masked to the later columns) updates the rest.
 The sweep works on Wᵀ so that a column is a contiguous row.
 
-Deviation from the reference, behind `fp16_storage` (default True; False = the reference):
+Deviation from the reference, behind `grid.fp16_stats` (default True; False = the reference):
 statistics that are stored as float16 (second-level statistics, unquantized first-level ones) are
 rounded to float16 before use, and outlier values are rounded to float16 (the small rounding error
 of an outlier is then propagated like any quantization error).
@@ -34,14 +34,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot, layer_objective
-from cdquant_jax.quant.grids import Flavor, Grid, codes_of, dequantize_codes
+from cdquant_jax.quant.grids import Flavor, Grid, GridConfig, codes_of, dequantize_codes
 from cdquant_jax.solvers import hessian
-from cdquant_jax.solvers.result import SolveResult
+from cdquant_jax.solvers.result import SolveResult, SpQRStats
 from cdquant_jax.solvers.spqr_stats import (GroupStats, StatsConfig, group_stats,
                                             screen_outliers)
 
@@ -49,90 +50,113 @@ FP16_MAX = 65504.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SecondLevelConfig:
+  """SpQR's second level: the per-row first-level scales / zeros quantized over β2 rows."""
+
+  # Bits of the second-level codes of the scales / zeros; None = kept unquantized (float16).
+  scale_bits: int | None = 3
+  zero_bits: int | None = 3
+  # β2: consecutive output rows sharing one second-level (scale, zero); must divide d_out
+  # whenever a second level is used (no padding of rows).
+  group_size: int = 16
+  # Symmetric second-level grid of the zero points.
+  zero_sym: bool = False
+
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    for name in ("scale_bits", "zero_bits"):
+      v = getattr(self, name)
+      check(v is None or (isinstance(v, int) and 1 <= v <= 8),
+            f"{name} must be None or an integer in [1, 8], got {v!r}")
+    check(self.group_size > 0, f"group_size must be positive, got {self.group_size}")
+    check(self.used or self.group_size == 16,
+          "group_size only applies when scale_bits or zero_bits is set")
+    check(self.zero_bits is not None or not self.zero_sym,
+          "zero_sym=True only applies when zero_bits is set")
+
+  @property
+  def used(self) -> bool:
+    return self.scale_bits is not None or self.zero_bits is not None
+
+
+# SpQR's first level: the README "near-lossless" command at 3 bits (β1 = 16), statistics
+# rounded to float16 before use (see the module docstring; fp16_stats=False is the reference).
+SPQR_GRID = GridConfig(bits=3, group_size=16, flavor=Flavor.SPQR, fp16_stats=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SpQRConfig:
   """SpQR configuration (defaults: the README "near-lossless" command at 3 bits)."""
 
-  # First-level bits per weight.
-  bits: int = 3
-  # β1: input columns per first-level group; -1 = one group per row.
-  groupsize: int = 16
-  # Second-level bits of the per-row scales / zeros; None = kept unquantized (fp16).
-  qq_scale_bits: int | None = 3
-  qq_zero_bits: int | None = 3
-  # β2: consecutive output rows sharing one second-level (scale, zero); must divide d_out
-  # whenever a second level is used (no padding of rows).
-  qq_groupsize: int = 16
+  # First level: bits, β1 = grid.group_size input columns per group (-1 = one per row), sym,
+  # round_zero, fp16_stats (round stored statistics and outlier values to float16 before use).
+  # Flavour SpQR and the min-max range only.
+  grid: GridConfig = SPQR_GRID
+  # Second level (β2, bits, zero_sym).
+  qq: SecondLevelConfig = SecondLevelConfig()
   # Relative outlier threshold τ; math.inf disables outliers.
   outlier_threshold: float = 0.2
-  # Column processing order.
-  permutation_order: Literal["identity", "act_order"] = "act_order"
+  # Process columns by descending diag(H) (SpQR's permutation_order="act_order").
+  act_order: bool = True
   # Relative damping (SpQR README headline 1.0; reference CLI default 0.01).
   percdamp: float = 1.0
   # Columns per block of the sweep (affects speed only, not the result).
   blocksize: int = 128
-  # Skip the leave-one-out screen before each group fit.
+  # Skip the leave-one-out screen before each group fit (outliers on only).
   simplified_outliers: bool = False
-  # Round the first-level zero point to an integer.
-  round_zero: bool = False
-  # Symmetric first-level grid.
-  sym: bool = False
-  # Symmetric second-level grid of the zero points.
-  qq_zero_sym: bool = False
   # Damping escalations (×10 each) tried when the Cholesky fails.
   max_damp_escalations: int = 4
-  # Round stored statistics and outlier values to float16 before use (see module docstring).
-  fp16_storage: bool = True
+
+  def __post_init__(self):
+    check = config_lib.reject_unless
+    check(self.grid.flavor == Flavor.SPQR, "grid.flavor must be 'spqr' for SpQR")
+    check(self.grid.scale_search == "minmax",
+          f"grid.scale_search must be 'minmax' for SpQR, got {self.grid.scale_search!r}")
+    check(self.grid.bits >= 2, f"grid.bits must be in [2, 8], got {self.grid.bits}")
+    check(self.outlier_threshold >= 0,
+          f"outlier_threshold must be >= 0 (inf disables), got {self.outlier_threshold}")
+    check(self.detect_outliers or not self.simplified_outliers,
+          "simplified_outliers=True needs outliers (a finite outlier_threshold)")
+    check(self.percdamp >= 0, f"percdamp must be >= 0, got {self.percdamp}")
+    check(self.blocksize > 0, f"blocksize must be positive, got {self.blocksize}")
+    check(self.max_damp_escalations >= 0,
+          f"max_damp_escalations must be >= 0, got {self.max_damp_escalations}")
 
   @property
   def maxq(self) -> int:
-    return 2**self.bits - 1
+    return self.grid.maxq
 
   @property
   def detect_outliers(self) -> bool:
     return not math.isinf(self.outlier_threshold)
 
-  def group_size(self, d_in: int) -> int:
-    return d_in if self.groupsize == -1 else self.groupsize
+  def columns_per_group(self, d_in: int) -> int:
+    return d_in if self.grid.group_size == -1 else self.grid.group_size
 
   def block_size(self, d_in: int) -> int:
     return min(self.blocksize, d_in)
 
   def stats_config(self) -> StatsConfig:
-    return StatsConfig(bits=self.bits, sym=self.sym, round_zero=self.round_zero,
-                       qq_scale_bits=self.qq_scale_bits, qq_zero_bits=self.qq_zero_bits,
-                       qq_groupsize=self.qq_groupsize, qq_zero_sym=self.qq_zero_sym,
-                       fp16_storage=self.fp16_storage)
+    g, qq = self.grid, self.qq
+    return StatsConfig(bits=g.bits, sym=g.sym, round_zero=g.round_zero,
+                       qq_scale_bits=qq.scale_bits, qq_zero_bits=qq.zero_bits,
+                       qq_groupsize=qq.group_size, qq_zero_sym=qq.zero_sym,
+                       fp16_storage=g.fp16_stats)
 
   def validate(self, d_out: int, d_in: int, layer: str = "?") -> None:
-    """Raises ValueError naming the layer and the bad field."""
+    """Shape checks: raises ValueError naming the layer and the field."""
     bad = lambda msg: ValueError(f"layer {layer} [{d_out}x{d_in}]: SpQRConfig.{msg}")
-    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-      raise bad(f"bits must be an integer in [2, 8], got {self.bits!r}")
-    for name in ("qq_scale_bits", "qq_zero_bits"):
-      v = getattr(self, name)
-      if v is not None and (not isinstance(v, int) or not 1 <= v <= 8):
-        raise bad(f"{name} must be None or an integer in [1, 8], got {v!r}")
-    g = self.group_size(d_in)
-    if g <= 0 or d_in % g:
-      raise bad(f"groupsize must be -1 or a positive divisor of d_in={d_in}, got {self.groupsize}")
-    if self.blocksize <= 0:
-      raise bad(f"blocksize must be positive, got {self.blocksize}")
+    g = self.columns_per_group(d_in)
+    if d_in % g:
+      raise bad(f"grid.group_size must be -1 or a positive divisor of d_in={d_in}, "
+                f"got {self.grid.group_size}")
     b = self.block_size(d_in)
     if not (b % g == 0 or g % b == 0 or g == d_in):
-      raise bad(f"groupsize {g} and blocksize {b} must divide one another so that no group "
-                f"straddles a block boundary")
-    sc = self.stats_config()
-    second_level = sc.quantize_scale or sc.quantize_zero
-    if self.qq_groupsize <= 0 or (second_level and d_out % self.qq_groupsize):
-      raise bad(f"qq_groupsize must be a positive divisor of d_out={d_out}, "
-                f"got {self.qq_groupsize} (pad the layer's rows first)")
-    if self.permutation_order not in ("identity", "act_order"):
-      raise bad(f"permutation_order must be 'identity' or 'act_order', "
-                f"got {self.permutation_order!r}")
-    if not self.outlier_threshold >= 0:
-      raise bad(f"outlier_threshold must be >= 0 (inf disables), got {self.outlier_threshold}")
-    if self.percdamp < 0:
-      raise bad(f"percdamp must be >= 0, got {self.percdamp}")
+      raise bad(f"grid.group_size {g} and blocksize {b} must divide one another so that no "
+                f"group straddles a block boundary")
+    if self.qq.used and d_out % self.qq.group_size:
+      raise bad(f"qq.group_size must be a positive divisor of d_out={d_out}, "
+                f"got {self.qq.group_size} (pad the layer's rows first)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,22 +302,18 @@ def _pad_columns(W: jax.Array, U: jax.Array, D: int) -> tuple[jax.Array, jax.Arr
   return W, U.at[idx, idx].set(1.0)
 
 
-def _extras(tables: GroupStats, cfg: SpQRConfig, n_groups: int, g: int) -> dict:
+def _spqr_stats(tables: GroupStats, cfg: SpQRConfig, n_groups: int, g: int) -> SpQRStats:
+  """The second-level codes and statistics of the real groups (`n_groups` of `g` columns)."""
   sc = cfg.stats_config()
-  out = {}
-  if sc.quantize_scale:
-    out["qq_scale_bits"] = jnp.asarray(cfg.qq_scale_bits, jnp.int32)
-    out["scale_codes"] = tables.scale_codes[:, :n_groups]
-    out["scale_qq_scale"] = tables.scale_qq_scale[:, :n_groups]
-    out["scale_qq_zero"] = tables.scale_qq_zero[:, :n_groups]
-  if sc.quantize_zero:
-    out["qq_zero_bits"] = jnp.asarray(cfg.qq_zero_bits, jnp.int32)
-    out["zero_codes"] = tables.zero_codes[:, :n_groups]
-    out["zero_qq_scale"] = tables.zero_qq_scale[:, :n_groups]
-    out["zero_qq_zero"] = tables.zero_qq_zero[:, :n_groups]
-  out["qq_groupsize"] = jnp.asarray(cfg.qq_groupsize, jnp.int32)
-  out["groupsize"] = jnp.asarray(g, jnp.int32)
-  return out
+  levels = {}
+  for which, quantized, bits in (("scale", sc.quantize_scale, cfg.qq.scale_bits),
+                                 ("zero", sc.quantize_zero, cfg.qq.zero_bits)):
+    if not quantized:
+      continue
+    levels[f"qq_{which}_bits"] = int(bits)
+    for key in ("codes", "qq_scale", "qq_zero"):
+      levels[f"{which}_{key}"] = getattr(tables, f"{which}_{key}")[:, :n_groups]
+  return SpQRStats(**levels, qq_groupsize=int(cfg.qq.group_size), groupsize=int(g))
 
 
 def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResult:
@@ -317,9 +337,9 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
   W, H = W.astype(dtype), H.astype(dtype)
   d_out, d_in = W.shape
   cfg.validate(d_out, d_in, layer)
-  g, B = cfg.group_size(d_in), cfg.block_size(d_in)
+  g, B = cfg.columns_per_group(d_in), cfg.block_size(d_in)
 
-  if cfg.permutation_order == "act_order":
+  if cfg.act_order:
     perm = hessian.act_order_permutation(H)
   else:
     perm = jnp.arange(d_in, dtype=jnp.int32)
@@ -342,7 +362,8 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
   Q = Qp[:, :d_in][:, inv]
   n_groups = d_in // g
   grid = Grid(scale=tables.scale[:, :n_groups], zero=tables.zero[:, :n_groups],
-              group_index=(inv // g).astype(jnp.int32), maxq=cfg.maxq, flavor=Flavor.SPQR)
+              group_index=(inv // g).astype(jnp.int32), maxq=cfg.maxq, flavor=Flavor.SPQR,
+              sym=cfg.grid.sym, round_zero=cfg.grid.round_zero)
   mask = mask_p[:, :d_in][:, inv]
   diagnostics = {
       "outlier_fraction": jnp.mean(mask.astype(jnp.float32)),
@@ -353,4 +374,4 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
   }
   return SolveResult(Q=Q, codes=codes_p[:, :d_in][:, inv], grid=grid, perm=perm,
                      objective=layer_objective(W, Q, H), outlier_mask=mask,
-                     diagnostics=diagnostics, extras=_extras(tables, cfg, n_groups, g))
+                     diagnostics=diagnostics, spqr=_spqr_stats(tables, cfg, n_groups, g))

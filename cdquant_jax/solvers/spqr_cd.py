@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot, layer_objective, row_objectives
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid
 from cdquant_jax.solvers import bcd as bcd_lib
 from cdquant_jax.solvers import cd as cd_lib
 from cdquant_jax.solvers import hessian
-from cdquant_jax.solvers.bcd import BCDConfig
+from cdquant_jax.solvers.bcd import BlockOptions
+from cdquant_jax.solvers.cd import GreedyOptions
 from cdquant_jax.solvers.result import SolveResult
 from cdquant_jax.solvers.spqr import FP16_MAX, SpQRConfig, spqr
 
@@ -42,43 +43,42 @@ _SOLVE_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SpQRCDConfig:
-  """SpQR followed by CD/BCD refinement of the codes and closed-form outlier values."""
+class SpQRCDConfig(SpQRConfig):
+  """SpQR (every SpQRConfig field) followed by CD/BCD refinement of the codes and closed-form
+  outlier values."""
 
-  # The SpQR sweep that fixes grids and outliers.
-  spqr: SpQRConfig = SpQRConfig()
-  # Code refinement: greedy single-coordinate CD or block CD.
+  # Code refinement: greedy single-coordinate CD (settings `cd`) or block CD (settings `bcd`).
   refine: Literal["cd", "bcd"] = "cd"
   # Alternations of (CD on the non-outliers) and (closed-form outlier re-solve); 0 = plain SpQR.
   rounds: int = 2
-  # CD step budget per round = ceil(factor · d_in) greedy steps (rows stop at a 1-opt point).
-  max_steps_factor: float = 1.0
-  # Exact recomputation of the CD gradient every this many steps.
-  resync_every: int = 512
-  # Smallest compaction phase of the greedy loop (speed only).
-  min_phase_rows: int = 64
-  # BCD settings (refine="bcd" only): block_size, partition, n_partners, radius,
-  # max_steps_factor, candidates, rescan_every, resync_every, seed are used; its grid, init
-  # and cd fields are ignored (the grid is SpQR's, the start is the SpQR solution).
-  bcd: BCDConfig = BCDConfig()
-  # Relative ridge λ / mean(diag H) of the outlier solve.
+  # Greedy CD settings per round (refine="cd").
+  cd: GreedyOptions = GreedyOptions()
+  # Block CD settings per round (refine="bcd").
+  bcd: BlockOptions = BlockOptions()
+  # Relative ridge λ / mean(diag H) of the outlier solve (outliers on only).
   ridge: float = 1e-6
 
+  def __post_init__(self):
+    super().__post_init__()
+    check = config_lib.reject_unless
+    check(self.refine in ("cd", "bcd"), f"refine must be 'cd' or 'bcd', got {self.refine!r}")
+    check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
+    check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
+    unused = [name for name, default in (("cd", GreedyOptions()), ("bcd", BlockOptions()))
+              if getattr(self, name) != default and (self.rounds == 0 or name != self.refine)]
+    check(not unused, f"{unused} settings are not used with refine={self.refine!r}, "
+                      f"rounds={self.rounds}")
+    check(self.ridge == 1e-6 or (self.rounds > 0 and self.detect_outliers),
+          "ridge only applies with rounds > 0 and outliers on")
+
+  def spqr_config(self) -> SpQRConfig:
+    """The SpQR sweep's settings alone."""
+    return SpQRConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SpQRConfig)})
+
   def validate(self, d_out: int, d_in: int, layer: str = "?") -> None:
-    self.spqr.validate(d_out, d_in, layer)
-    bad = lambda msg: ValueError(f"layer {layer}: SpQRCDConfig.{msg}")
-    if self.refine not in ("cd", "bcd"):
-      raise bad(f"refine must be 'cd' or 'bcd', got {self.refine!r}")
-    if self.rounds < 0:
-      raise bad(f"rounds must be >= 0, got {self.rounds}")
-    if self.max_steps_factor <= 0:
-      raise bad(f"max_steps_factor must be positive, got {self.max_steps_factor}")
-    if self.resync_every <= 0:
-      raise bad(f"resync_every must be positive, got {self.resync_every}")
+    super().validate(d_out, d_in, layer)
     if self.refine == "bcd":
       self.bcd.validate(d_in)
-    if not self.ridge >= 0:
-      raise bad(f"ridge must be >= 0, got {self.ridge}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,16 +177,15 @@ def _refine_codes(W, H, Q, grid: Grid, mask, blocks, cfg: SpQRCDConfig):
   """One CD/BCD pass over the non-outlier codes. Returns (Q, moves per row [d_out])."""
   d_in = W.shape[1]
   if cfg.refine == "cd":
-    Q, diag = cd_lib.refine_greedy(W, H, Q, grid,
-                                   max_steps=max(1, math.ceil(cfg.max_steps_factor * d_in)),
-                                   resync_every=cfg.resync_every, frozen=mask,
-                                   min_phase_rows=cfg.min_phase_rows)
+    Q, diag = cd_lib.refine_greedy(W, H, Q, grid, max_steps=cfg.cd.max_steps(d_in),
+                                   resync_every=cfg.cd.resync_every, frozen=mask,
+                                   min_phase_rows=cfg.cd.min_phase_rows)
   else:
     b = cfg.bcd
     Q, diag = bcd_lib.refine_bcd(W, H, Q, grid, blocks=blocks, radius=b.radius,
-                                 max_steps=max(1, math.ceil(b.max_steps_factor * d_in)),
-                                 candidates=b.candidates, rescan_every=b.rescan_every,
-                                 resync_every=b.resync_every, frozen=mask)
+                                 max_steps=b.max_steps(d_in), candidates=b.candidates,
+                                 rescan_every=b.rescan_every, resync_every=b.resync_every,
+                                 frozen=mask, min_phase_rows=b.min_phase_rows)
   return Q, diag["steps"]
 
 
@@ -195,7 +194,7 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
 
   Args:
     W: [d_out, d_in] weights; H: [d_in, d_in] undamped Hessian.
-    cfg: config; cfg.spqr as for `spqr`.
+    cfg: config; its SpQRConfig fields as for `spqr`.
     layer: name used in errors.
   Returns:
     SolveResult with SpQR's grid, perm, outlier mask and extras; Q and codes refined.
@@ -206,7 +205,7 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   hessian.check_layer_problem(W, H, layer=layer)
   d_out, d_in = jnp.shape(W)
   cfg.validate(d_out, d_in, layer)
-  base = spqr(W, H, cfg.spqr, layer=layer)
+  base = spqr(W, H, cfg.spqr_config(), layer=layer)
   dtype = base.Q.dtype
   W, H = jnp.asarray(W, dtype), jnp.asarray(H, dtype)
   # CD works on W with dead columns zeroed (where H is zero, so the objective is unchanged).
@@ -227,7 +226,7 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
     acc_cd.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
     Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge)
-    Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.spqr.fp16_storage)
+    Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.grid.fp16_stats)
     Q, better = _accept_rows(W, H, Q, Q_out)
     out_codes = jnp.where(better[:, None], codes_out, out_codes)
     acc_out.append(jnp.sum(better))

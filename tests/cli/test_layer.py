@@ -29,7 +29,8 @@ def _run(capsys, *argv):
     ("rtn", []), ("gptq", ["--act-order"]), ("cd", ["--init", "gptq"]),
     ("gptq", ["--group-size", "16", "--static-groups", "--sym"]),
     ("spqr", ["--qq-bits", "3", "--qq-group-size", "16", "--outlier-threshold", "0.2",
-              "--permutation-order", "act_order", "--group-size", "16"]),
+              "--act-order", "--group-size", "16"]),
+    ("spqr", ["--no-act-order", "--sym", "--group-size", "16"]),
 ])
 def test_json_contract(tmp_path, capsys, problem, method, extra):
   path, W, H = problem
@@ -55,7 +56,7 @@ def test_json_contract(tmp_path, capsys, problem, method, extra):
 def test_set_overrides_any_field(capsys, problem):
   path, _, _ = problem
   code, out, _ = _run(capsys, "--input", path, "--method", "cd", "--bits", 4, "--json",
-                      "--set", "max_steps_factor=0.01", "--set", "init=rtn")
+                      "--set", "max_steps_factor=0.01", "--set", "init.method=rtn")
   assert code == 0
   assert json.loads(out.splitlines()[-1])["config"]["max_steps_factor"] == 0.01
 

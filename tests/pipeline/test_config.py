@@ -1,16 +1,31 @@
 """Run-config schema: YAML/dict parsing, `--set` overrides, per-module rule resolution."""
 
+import argparse
 import dataclasses
 
+import numpy as np
 import pytest
 
+from cdquant_jax import config as config_lib
+from cdquant_jax.cli import layer
 from cdquant_jax.config import ConfigError
 from cdquant_jax.pipeline import config
-from cdquant_jax.solvers import api
+from cdquant_jax.quant import qweight
+from cdquant_jax.solvers import api, knobs
+from tests.fixtures.layer_problems import layer_problem
 
 
-def test_knobs_cover_every_friendly_knob():
-  assert {f.name for f in dataclasses.fields(config.Knobs)} == set(api.KNOB_PATHS)
+def test_yaml_knobs_and_cli_flags_are_the_same_settings():
+  """One table: a YAML `quant.knobs` mapping and the `cdquant layer` flags give one config."""
+  values = dict(bits=2, group_size=16, sym=True, act_order=True, percdamp=0.1, init="gptq")
+  parser = argparse.ArgumentParser()
+  layer.add_arguments(parser)
+  argv = ["--input", "x.npz", "--method", "cd", "--bits", "2", "--group-size", "16", "--sym",
+          "--act-order", "--percdamp", "0.1", "--init", "gptq"]
+  from_flags = knobs.from_namespace(parser.parse_args(argv))
+  from_yaml = config_lib.from_dict(config.Knobs, values).as_dict()
+  assert from_flags == from_yaml == values
+  assert {f.name for f in dataclasses.fields(config.Knobs)} == {k.name for k in knobs.KNOBS}
 
 
 def test_overrides_reach_fields_mappings_and_list_items():
@@ -50,7 +65,7 @@ def test_rules_apply_in_order_and_switch_method():
              config.ModuleRule(pattern=r"down_proj$", method="gptq", set={"blocksize": 32})),
       include=(r"^layers\.[01]\.",), exclude=(r"o_proj",))
   method, cfg = config.solver_for(quant, "layers.0.self_attn.q_proj")
-  assert method == "cd" and cfg.grid.bits == 3 and cfg.gptq.grid.bits == 3
+  assert method == "cd" and cfg.grid.bits == 3
   assert cfg.grid.group_size == 64 and cfg.max_steps_factor == 0.25
   method, cfg = config.solver_for(quant, "layers.1.mlp.up_proj")
   assert method == "cd" and cfg.grid.bits == 4
@@ -62,17 +77,22 @@ def test_rules_apply_in_order_and_switch_method():
 
 
 def test_inapplicable_knob_names_module_and_method():
-  quant = config.QuantSettings(method="spqr", knobs=config.Knobs(act_order=True))
+  quant = config.QuantSettings(method="spqr", knobs=config.Knobs(static_groups=True))
   with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.up_proj \(spqr\)"):
     config.solver_for(quant, "layers.0.mlp.up_proj")
 
 
-def test_pack_options_follow_the_method_config():
-  quant = config.QuantSettings()
-  opts = config.pack_options("spqr", api.apply_knobs(api.default_config("spqr"),
-                                                     dict(qq_bits=2)), quant)
-  assert opts == dict(sym=False, round_zero=False, qq_scale_bits=2, qq_zero_bits=2,
-                      allow_lossy_outliers=False)
-  opts = config.pack_options("cd", api.apply_knobs(api.default_config("cd"), dict(sym=True)),
-                             quant)
-  assert opts["sym"] and opts["qq_scale_bits"] is None and not opts["allow_lossy_outliers"]
+def _packed_meta(method: str, knobs: dict):
+  """Metadata of the packed result of `solver_for` with global `knobs` on a 16×32 layer."""
+  quant = config.QuantSettings(method=method, knobs=config.Knobs(**knobs))
+  method, cfg = config.solver_for(quant, "layers.0.mlp.up_proj")
+  W, H = layer_problem(np.random.default_rng(0), 16, 32, dtype=np.float32)
+  return qweight.pack_result(api.solve(method, W, H, cfg)).meta
+
+
+def test_packed_metadata_follows_the_knobs():
+  meta = _packed_meta("spqr", dict(bits=3, group_size=16, qq_bits=2))
+  assert (meta.method, meta.bits, meta.sym, meta.round_zero) == ("spqr", 3, False, False)
+  assert (meta.qq_scale_bits, meta.qq_zero_bits) == (2, 2)
+  meta = _packed_meta("cd", dict(bits=2, sym=True))
+  assert (meta.method, meta.bits, meta.sym, meta.qq_scale_bits) == ("cd", 2, True, 0)

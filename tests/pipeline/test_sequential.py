@@ -23,7 +23,7 @@ from cdquant_jax.pipeline.evaluation import model_perplexity
 from cdquant_jax.pipeline.sequential import quantize_loaded
 from cdquant_jax.quant import qweight
 from cdquant_jax.quant.bits import bits_formula
-from cdquant_jax.solvers import api
+from cdquant_jax.solvers import api, knobs
 from cdquant_jax.solvers.hessian import hessian_from_inputs
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 32,
@@ -81,7 +81,7 @@ def test_objectives_equal_direct_solves_on_true_sequential_hessians(tiny, gptq_r
       name = "layers.0." + ".".join(path)
       W = get_path(original, path)["weight"]
       H = hessian_from_inputs(inputs[path])
-      cfg = api.apply_knobs(api.default_config("gptq"), dict(bits=3, group_size=16))
+      cfg = knobs.apply(api.default_config("gptq"), bits=3, group_size=16)
       direct = float(api.solve("gptq", W, H, cfg, layer=name).objective)
       np.testing.assert_allclose(records[name]["objective"], direct, rtol=1e-4)
       if g > 0:  # later groups see the quantized earlier groups
@@ -217,7 +217,7 @@ def test_without_true_sequential_all_hessians_come_from_the_unquantized_block(ti
   records = {r["module"]: r for r in quantize_loaded(run, model, params, calib,
                                                      progress=False).records}
   inputs = _block0_inputs(model, params, model.layer_params(params, 0), calib)
-  cfg = api.apply_knobs(api.default_config("gptq"), dict(bits=3, group_size=16))
+  cfg = knobs.apply(api.default_config("gptq"), bits=3, group_size=16)
   for path in (("mlp", "down_proj"), ("self_attn", "o_proj")):
     W = get_path(model.layer_params(params, 0), path)["weight"]
     direct = api.solve("gptq", W, hessian_from_inputs(inputs[path]), cfg).objective

@@ -7,7 +7,7 @@ from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import GridConfig
 from cdquant_jax.solvers.bcd import (BCDConfig, bcd, block_gains, correlation_partners,
                                      make_blocks, refine_bcd)
-from cdquant_jax.solvers.cd import CDConfig
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
 from tests.fixtures.layer_problems import layer_problem
 from tests.solvers.oracles import cd_numpy as oracle
@@ -58,8 +58,10 @@ def test_converged_bcd_is_block_optimal(x64, rng):
 def test_bcd_never_above_its_start(rng, partition, init):
   W, H = layer_problem(rng, 48, 128, dtype=np.float32)
   grid_cfg = GridConfig(bits=3)
-  cfg = BCDConfig(grid=grid_cfg, partition=partition, init=init,
-                  cd=CDConfig(grid=grid_cfg, init="rtn"), n_partners=8, candidates=16)
+  partners = dict(n_partners=8) if partition == "correlated" else {}
+  start = InitConfig(method="rtn") if init == "cd" else InitConfig()
+  cfg = BCDConfig(grid=grid_cfg, partition=partition, init=start, cd_first=init == "cd",
+                  candidates=16, **partners)
   res = bcd(W, H, cfg)
   np.testing.assert_array_equal(np.asarray(res.Q), np.asarray(grids.dequantize(res.codes,
                                                                                res.grid)))
@@ -74,7 +76,7 @@ def test_dead_columns_and_groups(rng):
   W, H = layer_problem(rng, 16, 64, dtype=np.float32, dead=4)
   dead = np.diag(H) == 0
   res = bcd(W, H, BCDConfig(grid=GridConfig(bits=3, group_size=16), n_partners=6,
-                            init="gptq"))
+                            cd_first=False))
   assert np.all(np.isfinite(np.asarray(res.Q)))
   zero_codes = np.asarray(grids.quantize(np.zeros_like(W), res.grid))
   np.testing.assert_array_equal(np.asarray(res.codes)[:, dead], zero_codes[:, dead])

@@ -1,7 +1,5 @@
 """Greedy CD against a literal float64 greedy-CD oracle, plus the properties CD promises."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,9 +11,12 @@ from cdquant_jax.solvers import refit as refit_lib
 from cdquant_jax.solvers.cd import CDConfig, cd, refine_greedy
 from cdquant_jax.solvers.gptq import GPTQConfig, gptq
 from cdquant_jax.solvers.hessian import HessianError
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
 from tests.fixtures.layer_problems import layer_problem
 from tests.solvers.oracles import cd_numpy as oracle
+
+RTN_START = InitConfig(method="rtn")
 
 
 def _rel(a, b):
@@ -74,7 +75,7 @@ def test_converges_to_one_opt_and_trace_is_monotone(x64, rng):
 
 def test_tracked_objective_equals_recomputed_f32(rng):
   W, H = layer_problem(rng, 32, 128, dtype=np.float32)
-  cfg = CDConfig(grid=GridConfig(bits=4), init="rtn", resync_every=50)
+  cfg = CDConfig(grid=GridConfig(bits=4), init=RTN_START, resync_every=50)
   res = cd(W, H, cfg)
   _check_result(res, W, H)
   diag = res.diagnostics
@@ -92,9 +93,8 @@ def test_tracked_objective_equals_recomputed_f32(rng):
 def test_cd_from_gptq_never_above_gptq(rng, act_order, group_size):
   W, H = layer_problem(rng, 32, 128, dtype=np.float32)
   grid_cfg = GridConfig(bits=3, group_size=group_size)
-  gptq_cfg = GPTQConfig(grid=grid_cfg, act_order=act_order)
-  ref = gptq(W, H, gptq_cfg)
-  res = cd(W, H, CDConfig(grid=grid_cfg, init="gptq", gptq=gptq_cfg))
+  ref = gptq(W, H, GPTQConfig(grid=grid_cfg, act_order=act_order))
+  res = cd(W, H, CDConfig(grid=grid_cfg, init=InitConfig(act_order=act_order)))
   _check_result(res, W, H)
   assert float(res.objective) <= float(ref.objective) * (1 + 1e-6)
   assert float(res.objective) < 0.95 * float(ref.objective)
@@ -103,10 +103,11 @@ def test_cd_from_gptq_never_above_gptq(rng, act_order, group_size):
   np.testing.assert_array_equal(np.asarray(res.perm), np.asarray(ref.perm))
 
 
-@pytest.mark.parametrize("init", ["rtn", "owc"])
-def test_cd_beats_its_rtn_start(rng, init):
+@pytest.mark.parametrize("scale_search", ["minmax", "owc"])  # owc: CDQuant's OWC start
+def test_cd_beats_its_rtn_start(rng, scale_search):
   W, H = layer_problem(rng, 32, 128, dtype=np.float32)
-  res = cd(W, H, CDConfig(grid=GridConfig(bits=4), init=init, resync_every=50))
+  res = cd(W, H, CDConfig(grid=GridConfig(bits=4, scale_search=scale_search), init=RTN_START,
+                          resync_every=50))
   _check_result(res, W, H)
   assert float(res.objective) < 0.7 * float(res.diagnostics["init_objective"])
 
@@ -114,8 +115,8 @@ def test_cd_beats_its_rtn_start(rng, init):
 def test_refit_rounds_never_raise_the_objective(rng):
   W, H = layer_problem(rng, 32, 128, dtype=np.float32)
   grid_cfg = GridConfig(bits=3, group_size=32)
-  base = cd(W, H, CDConfig(grid=grid_cfg, init="rtn"))
-  res = cd(W, H, CDConfig(grid=grid_cfg, init="rtn", refit_rounds=2))
+  base = cd(W, H, CDConfig(grid=grid_cfg, init=RTN_START))
+  res = cd(W, H, CDConfig(grid=grid_cfg, init=RTN_START, refit_rounds=2))
   _check_result(res, W, H)
   refits = np.asarray(res.diagnostics["refit_objectives"])
   assert refits[0] <= float(base.objective) * (1 + 1e-6)
@@ -162,7 +163,7 @@ def test_dead_columns(rng):
   W, H = layer_problem(rng, 32, 128, dtype=np.float32, dead=5)
   dead = np.diag(H) == 0
   assert dead.sum() == 5
-  res = cd(W, H, CDConfig(grid=GridConfig(bits=3, group_size=32), init="gptq"))
+  res = cd(W, H, CDConfig(grid=GridConfig(bits=3, group_size=32)))
   _check_result(res, W, H)
   assert np.all(np.isfinite(np.asarray(res.Q)))
   zero_codes = np.asarray(grids.quantize(jnp.zeros_like(res.Q), res.grid))
@@ -194,5 +195,7 @@ def test_bad_inputs_raise(rng):
     cd(W, H, CDConfig(grid=GridConfig(group_size=12)))
   with pytest.raises(ValueError, match="max_steps_factor"):
     cd(W, H, CDConfig(max_steps_factor=0.0))
-  with pytest.raises(ValueError, match="init"):
-    cd(W, H, dataclasses.replace(CDConfig(), init="zeros"))
+  with pytest.raises(ValueError, match="method must be one of"):
+    cd(W, H, CDConfig(init=InitConfig(method="zeros")))
+  with pytest.raises(ValueError, match=r"\['act_order'\] only apply to method='gptq'"):
+    CDConfig(init=InitConfig(method="rtn", act_order=True))

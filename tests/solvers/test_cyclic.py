@@ -7,6 +7,7 @@ from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import GridConfig
 from cdquant_jax.solvers.cyclic import CyclicConfig, cyclic, refine_cyclic
 from cdquant_jax.solvers.gptq import GPTQConfig, gptq
+from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.hessian import act_order_permutation
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
 from tests.fixtures.layer_problems import layer_problem
@@ -35,7 +36,7 @@ def test_matches_literal_cyclic_oracle(x64, rng, group_size, act_order):
 def test_monotone_and_below_init(rng):
   W, H = layer_problem(rng, 32, 200, dtype=np.float32)  # 200: padded to the block size 64
   grid_cfg = GridConfig(bits=3)
-  res = cyclic(W, H, CyclicConfig(grid=grid_cfg, init="gptq", sweeps=6, blocksize=64))
+  res = cyclic(W, H, CyclicConfig(grid=grid_cfg, sweeps=6, blocksize=64))
   np.testing.assert_array_equal(np.asarray(res.Q), np.asarray(grids.dequantize(res.codes,
                                                                                res.grid)))
   ref = gptq(W, H, GPTQConfig(grid=grid_cfg))
@@ -53,7 +54,7 @@ def test_fixed_point_is_one_opt_and_dead_columns(x64, rng):
   W, H = layer_problem(rng, 8, 40, dead=3)
   dead = np.diag(H) == 0
   grid_cfg = GridConfig(bits=2, group_size=20)
-  res = cyclic(W, H, CyclicConfig(grid=grid_cfg, init="rtn", sweeps=50, blocksize=16))
+  res = cyclic(W, H, CyclicConfig(grid=grid_cfg, init=InitConfig(method="rtn"), sweeps=50, blocksize=16))
   assert int(res.diagnostics["sweeps"]) < 50  # reached a sweep without changes
   s, z = (np.asarray(a) for a in res.grid.expand())
   W0 = np.where(dead[None, :], 0.0, W)

@@ -35,13 +35,13 @@ def _compare(ours, ref, W, H):
   np.testing.assert_allclose(np.asarray(ours.grid.scale), ref["scales"], rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(np.asarray(ours.grid.zero), ref["zeros"], rtol=1e-9, atol=1e-9)
   for name in ("scale", "zero"):
-    if f"{name}_codes" not in ours.extras:
+    if ours.spqr.level(name) is None:
       assert all(name not in s for s in ref["second"])
       continue
     codes = np.stack([s[name][0] for s in ref["second"]], 1)
-    np.testing.assert_array_equal(np.asarray(ours.extras[f"{name}_codes"]), codes)
+    np.testing.assert_array_equal(np.asarray(getattr(ours.spqr, f"{name}_codes")), codes)
     s2 = np.stack([s[name][1] for s in ref["second"]], 1)
-    np.testing.assert_allclose(np.asarray(ours.extras[f"{name}_qq_scale"]), s2, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(getattr(ours.spqr, f"{name}_qq_scale")), s2, rtol=1e-9)
 
 
 @pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False)])
@@ -62,7 +62,7 @@ def test_leave_one_out_screen_matches_oracle(x64, rng, bits, sym):
 def test_matches_float64_oracle(x64, rng, case):
   kw = ORACLE_CASES[case]
   W, H = layer_problem(rng, 32, 64)
-  ours = spqr(W, H, SpQRConfig(fp16_storage=False, **kw))
+  ours = spqr(W, H, oracle.our_config(SpQRConfig, fp16_storage=False, **kw))
   ref = oracle.spqr_reference(W, H, fp16_storage=False, **kw)
   _compare(ours, ref, W, H)
   if "outlier_threshold" not in kw:
@@ -73,14 +73,14 @@ def test_matches_oracle_with_padding_dead_columns_and_fp16_storage(x64, rng):
   # d_in = 96 is not a multiple of the block size 64; one group spans the whole row.
   W, H = layer_problem(rng, 32, 96, dead=3)
   for kw in (dict(blocksize=64, groupsize=-1), dict(blocksize=64, groupsize=16)):
-    ours = spqr(W, H, SpQRConfig(fp16_storage=True, **kw))
+    ours = spqr(W, H, oracle.our_config(SpQRConfig, fp16_storage=True, **kw))
     ref = oracle.spqr_reference(W, H, fp16_storage=True, **kw)
     _compare(ours, ref, W, H)
 
 
 def test_result_invariants_and_second_level_grid(rng):
   W, H = layer_problem(rng, 48, 64)
-  cfg = SpQRConfig(qq_groupsize=16)
+  cfg = oracle.our_config(SpQRConfig, qq_groupsize=16)
   res = spqr(W, H, cfg)
   Q, codes, mask = map(np.asarray, (res.Q, res.codes, res.outlier_mask))
   assert Q.dtype == np.float32 and codes.dtype == np.int32
@@ -95,13 +95,11 @@ def test_result_invariants_and_second_level_grid(rng):
   # the dequantized first-level statistics lie exactly on their second-level grids.
   assert mask.any()
   from cdquant_jax.quant import qweight
-  packed = qweight.pack_result(res, method="spqr")
+  packed = qweight.pack_result(res)
   np.testing.assert_array_equal(np.asarray(qweight.dequantize(packed)), Q)
   n_groups = 4
   for name in ("scale", "zero"):
-    c = np.asarray(res.extras[f"{name}_codes"])
-    s2 = np.asarray(res.extras[f"{name}_qq_scale"])
-    z2 = np.asarray(res.extras[f"{name}_qq_zero"])
+    c, s2, z2 = map(np.asarray, res.spqr.level(name))
     assert c.shape == (48, n_groups) and s2.shape == z2.shape == (3, n_groups)
     assert c.min() >= 0 and c.max() <= 7
     for v in (s2, z2):
@@ -109,7 +107,8 @@ def test_result_invariants_and_second_level_grid(rng):
     # [d_out // β2, n_groups] -> one value per row
     first = np.repeat(s2, 16, axis=0) * (c - np.repeat(z2, 16, axis=0))
     np.testing.assert_allclose(np.asarray(getattr(res.grid, name)), first, rtol=1e-6, atol=1e-7)
-  assert int(res.extras["groupsize"]) == 16 and int(res.extras["qq_groupsize"]) == 16
+  assert res.spqr.groupsize == 16 and res.spqr.qq_groupsize == 16
+  assert (res.spqr.qq_scale_bits, res.spqr.qq_zero_bits) == (3, 3)  # the defaults
   np.testing.assert_allclose(float(res.objective), float(layer_objective(W, Q, H)), rtol=1e-5)
 
 
@@ -129,14 +128,16 @@ def test_outliers_lower_the_objective_and_higher_tau_gives_fewer(rng):
 
 def test_bad_shapes_raise_clear_errors(rng):
   W, H = layer_problem(rng, 24, 64)
-  with pytest.raises(ValueError, match=r"layer q_proj.*qq_groupsize.*d_out=24"):
+  with pytest.raises(ValueError, match=r"layer q_proj.*qq.group_size.*d_out=24"):
     spqr(W, H, SpQRConfig(), layer="q_proj")
   # Without a second level any d_out works.
-  res = spqr(W, H, SpQRConfig(qq_scale_bits=None, qq_zero_bits=None, outlier_threshold=math.inf))
-  assert "scale_codes" not in res.extras and "zero_codes" not in res.extras
+  res = spqr(W, H, oracle.our_config(SpQRConfig, qq_scale_bits=None, qq_zero_bits=None,
+                                           outlier_threshold=math.inf))
+  assert res.spqr.level("scale") is None and res.spqr.level("zero") is None
+  assert res.spqr.qq_scale_bits == res.spqr.qq_zero_bits == 0
   assert res.grid.scale.shape == (24, 4)
   W, H = layer_problem(rng, 32, 64)
-  with pytest.raises(ValueError, match=r"groupsize.*d_in=64"):
-    spqr(W, H, SpQRConfig(groupsize=24), layer="q_proj")
+  with pytest.raises(ValueError, match=r"group_size.*d_in=64"):
+    spqr(W, H, oracle.our_config(SpQRConfig, groupsize=24), layer="q_proj")
   with pytest.raises(ValueError, match=r"straddles"):
-    spqr(W, H, SpQRConfig(groupsize=32, blocksize=48), layer="q_proj")
+    spqr(W, H, oracle.our_config(SpQRConfig, groupsize=32, blocksize=48), layer="q_proj")

@@ -166,3 +166,22 @@ def spqr_reference(W, H, *, bits=3, groupsize=16, qq_scale_bits=3, qq_zero_bits=
   inv = np.argsort(perm)
   return dict(Q=W[:, inv], mask=mask[:, inv], perm=perm, scales=np.stack(scales, 1),
               zeros=np.stack(zeros, 1), second=second, tau=tau)
+
+
+# The reference's flat keyword names -> this project's SpQRConfig field paths.
+_OUR_PATHS = dict(bits="grid.bits", groupsize="grid.group_size", sym="grid.sym",
+                  round_zero="grid.round_zero", fp16_storage="grid.fp16_stats",
+                  qq_scale_bits="qq.scale_bits", qq_zero_bits="qq.zero_bits",
+                  qq_groupsize="qq.group_size", qq_zero_sym="qq.zero_sym")
+
+
+def our_config(cls, **reference_kwargs):
+  """`cls` (SpQRConfig or SpQRCDConfig) with the settings given in the reference's spelling."""
+  from cdquant_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  changes = {}
+  for name, value in reference_kwargs.items():
+    if name == "permutation_order":
+      changes["act_order"] = value == "act_order"
+    else:
+      changes[_OUR_PATHS.get(name, name)] = value
+  return config_lib.replace_paths(cls(), changes)

@@ -32,20 +32,21 @@ TRAINING = frozenset({
 # Generation defaults (transformers 4 kept them in config.json; `GenerationConfig` fields).
 GENERATION = frozenset({
     "_from_model_config", "assistant_confidence_threshold", "assistant_early_exit",
-    "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens", "cache_config",
-    "cache_implementation", "compile_config", "constraints", "disable_compile",
-    "diversity_penalty", "do_sample", "dola_layers", "early_stopping",
-    "encoder_no_repeat_ngram_size", "encoder_repetition_penalty", "epsilon_cutoff",
-    "eta_cutoff", "exponential_decay_length_penalty", "force_words_ids", "forced_bos_token_id",
-    "forced_decoder_ids", "forced_eos_token_id", "guidance_scale", "is_assistant",
-    "length_penalty", "low_memory", "max_length", "max_matching_ngram_size", "max_new_tokens",
-    "max_time", "min_length", "min_new_tokens", "min_p", "no_repeat_ngram_size",
-    "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups", "num_beams",
-    "num_return_sequences", "output_logits", "output_scores", "penalty_alpha",
-    "prompt_lookup_num_tokens", "remove_invalid_values", "renormalize_logits",
-    "repetition_penalty", "return_dict_in_generate", "return_legacy_cache", "sequence_bias",
-    "stop_strings", "suppress_tokens", "temperature", "token_healing", "top_k", "top_p",
-    "typical_p", "use_cache", "watermarking_config",
+    "assistant_ensemble_weight", "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens",
+    "cache_config", "cache_implementation", "compile_config", "constraints",
+    "continuous_batching_config", "disable_compile", "diversity_penalty", "do_sample",
+    "dola_layers", "early_stopping", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty",
+    "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty", "force_words_ids",
+    "forced_bos_token_id", "forced_decoder_ids", "forced_eos_token_id", "guidance_scale",
+    "is_assistant", "length_penalty", "low_memory", "max_cache_len", "max_length",
+    "max_matching_ngram_size", "max_new_tokens", "max_time", "min_length", "min_new_tokens",
+    "min_p", "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "num_beam_groups", "num_beams", "num_return_sequences", "output_logits", "output_scores",
+    "penalty_alpha", "prefill_chunk_size", "prompt_lookup_num_tokens", "remove_invalid_values",
+    "renormalize_logits", "repetition_penalty", "return_dict_in_generate", "return_legacy_cache",
+    "sequence_bias", "speculation_type", "stop_strings", "suppress_tokens", "target_lookbehind",
+    "temperature", "token_healing", "top_h", "top_k", "top_p", "typical_p", "use_cache", "use_mtp",
+    "watermarking_config",
 })
 IGNORED = BOOKKEEPING | TRAINING | GENERATION
 # Base-config fields that change the model unless they keep their default (the only value the
@@ -135,13 +136,15 @@ def _activation(f: _Fields, *names: str, default: str) -> str:
   return _ACTIVATIONS[name]
 
 
-def _rope_from_dict(f: _Fields, d: dict[str, Any], theta: float | None) -> RopeConfig:
+def _rope_from_dict(f: _Fields, d: dict[str, Any], theta: float | None, field: str
+                    ) -> RopeConfig:
+  """The RopeConfig of one rope dict (`field` names where it came from, for errors)."""
   unknown = sorted(set(d) - _ROPE_KEYS)
   if unknown:
-    raise ModelLoadError(f"{f.model_type}: unsupported rope parameters {unknown} in {d}")
+    raise ModelLoadError(f"{f.model_type}: {field}: unsupported rope parameters {unknown} in {d}")
   kind = d.get("rope_type", d.get("type", "default"))
   if kind not in ("default", "linear", "llama3"):
-    raise ModelLoadError(f"{f.model_type}: rope type {kind!r} is not supported "
+    raise ModelLoadError(f"{f.model_type}: {field}: rope_type={kind!r} is not supported "
                          "(supported: default, linear, llama3)")
   rope = RopeConfig(theta=float(d.get("rope_theta") or theta or 10000.0), kind=kind)
   fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -149,17 +152,48 @@ def _rope_from_dict(f: _Fields, d: dict[str, Any], theta: float | None) -> RopeC
   return RopeConfig(**{**rope.__dict__, **present})
 
 
+def _normalized_rope(d: dict[str, Any] | None, theta: float | None = None) -> dict[str, Any]:
+  """A rope dict with "type" spelled "rope_type" and the top-level theta folded in."""
+  out = {("rope_type" if k == "type" else k): v for k, v in (d or {}).items() if v is not None}
+  return {**out, "rope_theta": theta} if theta is not None else out
+
+
+def _reject_disagreement(f: _Fields, old: dict[str, Any], old_name: str, new: dict[str, Any],
+                         new_name: str) -> None:
+  """Both spellings present (transformers 4 and 5 fields in one file) must say the same."""
+  differ = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+  if differ:
+    raise ModelLoadError(f"{f.model_type}: {old_name} {old} disagrees with {new_name} {new} "
+                         f"on {differ}")
+
+
 def _ropes(f: _Fields) -> tuple[RopeConfig, RopeConfig | None]:
-  """(rope of full layers, rope of sliding layers or None), from either spelling."""
+  """(rope of full layers, rope of sliding layers or None), from either spelling.
+
+  transformers 4: rope_theta + rope_scaling (+ rope_local_base_freq, Gemma 3); transformers 5:
+  rope_parameters, per layer type for Gemma 3. Where both are present they must agree.
+  """
   f.expect("partial_rotary_factor", (1.0,))
-  params = f.get("rope_parameters", default=None)
-  theta = f.get("rope_theta", default=None)
-  scaling = f.get("rope_scaling", default=None)
+  params = f.get("rope_parameters", default=None) or {}
+  old_full = _normalized_rope(f.get("rope_scaling", default=None),
+                              f.get("rope_theta", default=None))
   local_theta = f.get("rope_local_base_freq", default=None)
+  old_local = _normalized_rope(None, local_theta)
   if params and set(params) <= {FULL, SLIDING}:
-    full = _rope_from_dict(f, params[FULL], theta)
-    return full, _rope_from_dict(f, params[SLIDING], None) if SLIDING in params else None
-  full = _rope_from_dict(f, {**(scaling or {}), **(params or {})}, theta)
+    _reject_disagreement(f, old_full, "rope_scaling/rope_theta", _normalized_rope(params[FULL]),
+                         f"rope_parameters[{FULL!r}]")
+    full = _rope_from_dict(f, {**old_full, **_normalized_rope(params[FULL])}, None,
+                           f"rope_parameters[{FULL!r}]")
+    if SLIDING not in params:
+      return full, None
+    _reject_disagreement(f, old_local, "rope_local_base_freq", _normalized_rope(params[SLIDING]),
+                         f"rope_parameters[{SLIDING!r}]")
+    return full, _rope_from_dict(f, {**old_local, **_normalized_rope(params[SLIDING])}, None,
+                                 f"rope_parameters[{SLIDING!r}]")
+  _reject_disagreement(f, old_full, "rope_scaling/rope_theta", _normalized_rope(params),
+                       "rope_parameters")
+  field = "rope_parameters" if params else "rope_scaling"
+  full = _rope_from_dict(f, {**old_full, **_normalized_rope(params)}, None, field)
   local = RopeConfig(theta=float(local_theta)) if local_theta is not None else None
   return full, local
 

@@ -118,7 +118,7 @@ def test_gguf_unpermutes_rope_rows(torch_llama, tmp_path):
 def test_unknown_config_fields_are_listed():
   with pytest.raises(ValueError, match=r"field\(s\) frobnicate=1, quantization_config=\{\};"):
     config_from_hf({**LLAMA_CONFIG, "frobnicate": 1, "quantization_config": {}})
-  with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+  with pytest.raises(ValueError, match="rope_scaling: rope_type='yarn' is not supported"):
     config_from_hf({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
   with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
     config_from_hf({"model_type": "gpt2"})

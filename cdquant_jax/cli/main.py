@@ -1,5 +1,9 @@
 """The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
-layer problem), `generate` (text from a quantized model), `demo` (the offline main job)."""
+layer problem), `generate` (text from a quantized model), `demo` (the offline main job).
+
+Bad input ends every command with one line on stderr and exit code 2; -v shows the traceback
+(see cli/errors.py).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,28 @@ import argparse
 import logging
 import sys
 
-from cdquant_jax.cli import demo, evaluate, generate, layer, quantize
+from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize
+
+VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="cdquant", description=__doc__)
-  parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+  parser = errors.ArgumentParser(prog="cdquant", description=__doc__)
+  parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+  # -v is accepted after the command too; SUPPRESS keeps the global value when it is absent.
+  verbose = argparse.ArgumentParser(add_help=False)
+  verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=VERBOSE_HELP)
   sub = parser.add_subparsers(dest="command", required=True)
-  quantize.add_arguments(sub.add_parser("quantize", help="quantize a model block by block"))
-  evaluate.add_arguments(sub.add_parser("eval", help="perplexity of a (quantized) model"))
-  layer.add_arguments(sub.add_parser("layer", help="quantize one layer problem (W, H) npz"))
-  generate.add_arguments(sub.add_parser("generate", help="generate text with a quantized model"))
-  demo.add_arguments(sub.add_parser("demo", help="offline main job on the embedded default"))
+
+  def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, parents=[verbose])
+
+  quantize.add_arguments(command("quantize", "quantize a model block by block"))
+  evaluate.add_arguments(command("eval", "perplexity of a (quantized) model"))
+  layer.add_arguments(command("layer", "quantize one layer problem (W, H) npz"))
+  generate.add_arguments(command("generate", "generate text with a quantized model"))
+  demo.add_arguments(command("demo", "offline main job on the embedded default"))
   return parser
 
 
@@ -27,10 +41,14 @@ COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  """Runs one command; returns its exit code (2 on bad input, see cli/errors.py)."""
+  try:
+    args = build_parser().parse_args(argv)
+  except errors.UsageError as e:  # argparse's own: unknown flag, bad type, missing argument
+    return errors.report(e)
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
-  return COMMANDS[args.command](args)
+  return errors.run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

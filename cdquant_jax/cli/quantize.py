@@ -1,18 +1,16 @@
 """`cdquant quantize --config X.yaml [--set a.b=c ...] [--resume]`: the layer-sequential pipeline.
 
 Writes the quantized model directory (`run.output_dir`: quantized.safetensors, params,
-model.json, metrics.json, log.jsonl) and prints a summary. Bad configs exit with code 2.
+model.json, metrics.json, log.jsonl) and prints a summary. Bad input (config, model, resume
+checkpoint) exits with code 2 and one line naming the file or flag (cli/errors.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from cdquant_jax import config as config_lib
-
-EXIT_BAD_INPUT = 2
+from cdquant_jax.cli import errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,21 +24,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from cdquant_jax.pipeline import checkpoint, config, sequential  # pylint: disable=import-outside-toplevel
-  overrides = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
-  try:
-    run_cfg = config.load_run_config(args.config, overrides)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"cdquant quantize: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  try:
-    metrics = sequential.quantize_model(run_cfg, resume=args.resume,
-                                        progress=not args.no_progress)
-  except checkpoint.ResumeError as e:
-    print(f"cdquant quantize: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+  from cdquant_jax.pipeline import sequential  # pylint: disable=import-outside-toplevel
+  run_cfg = load_run_config(args)
+  metrics = sequential.quantize_model(run_cfg, resume=args.resume,
+                                      progress=not args.no_progress)
   print(format_summary(run_cfg.output_dir, metrics))
   return 0
+
+
+def load_run_config(args: argparse.Namespace):
+  """The RunConfig of --config (defaults when omitted) with --set and --output applied.
+
+  Errors name where the bad value is: the YAML file, or the one --set / --output flag.
+  """
+  from cdquant_jax.pipeline import config  # pylint: disable=import-outside-toplevel
+  with errors.about(args.config):
+    run_cfg = config.load_run_config(args.config)
+  flags = [(f"--set {s}", s) for s in args.set]
+  flags += [(f"--output {args.output}", f"output_dir={args.output}")] if args.output else []
+  for flag, assignment in flags:
+    with errors.about(flag):
+      run_cfg = config.apply_run_overrides(run_cfg, [assignment])
+  with errors.about(" ".join(flag for flag, _ in flags) or None):
+    return run_cfg.validate()
 
 
 def format_summary(output_dir: str, metrics: dict) -> str:

@@ -1,6 +1,7 @@
 """The functional decoder-LM interface shared by all families (`CausalLM`) and generation.
 
-A model is a frozen dataclass holding a `ModelConfig`; parameters are a separate plain nested
+A model is a frozen dataclass holding a `ModelConfig` and the `LinearOptions` its packed
+(quantized) linears run with; parameters are a separate plain nested
 dict with HF-like names, e.g. params["layers"][i]["self_attn"]["q_proj"]["weight"] [d_out, d_in].
 Subclasses implement `embed`, `block`, `head`, `block_linears`, `param_shapes` and the HF name
 prefixes; this class adds forward, the KV cache, decoding and generation.
@@ -27,6 +28,7 @@ class CausalLM:
   """Base class; see the module docstring. Hashable, so usable as a static jit argument."""
 
   config: ModelConfig
+  linear_options: layers.LinearOptions = layers.LinearOptions()
 
   # (HF name prefix, our prefix), first match wins; e.g. ("model.", "").
   HF_PREFIXES: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -71,6 +73,10 @@ class CausalLM:
     new_layers = list(params["layers"])
     new_layers[i] = layer_params
     return {**params, "layers": new_layers}
+
+  def with_linear_options(self, options: layers.LinearOptions) -> "CausalLM":
+    """This model with its packed linears run as `options` says (e.g. another kernel)."""
+    return dataclasses.replace(self, linear_options=options)
 
   def linear_paths(self) -> list[Path]:
     return [path for group in self.block_linears() for path in group]

@@ -37,7 +37,7 @@ class Falcon(CausalLM):
 
   def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
     if c.num_parallel_norms == 2:
       x_attn = layers.norm(h, layer_params["ln_attn"], c)
       x_mlp = layers.norm(h, layer_params["ln_mlp"], c)
@@ -87,7 +87,7 @@ class Falcon(CausalLM):
     c = self.config
     h = layers.norm(h, params["ln_f"], c)
     lm_head = params["word_embeddings"] if c.tie_word_embeddings else params["lm_head"]
-    return layers.linear(h, lm_head)
+    return layers.linear(h, lm_head, self.linear_options)
 
   def block_linears(self):
     return [[(ATTN, "query_key_value")], [(ATTN, "dense")], [("mlp", "dense_h_to_4h")],

@@ -3,13 +3,15 @@
 Shapes: B batch, T new tokens, S key slots (T without a cache, max_len with one), D hidden,
 H query heads, K key/value heads (H = K * G), Dh head dim, F MLP width, V vocabulary.
 
-Every linear layer of every model is applied by `linear(x, p)`, with p the linear's param dict
-{"weight": [d_out, d_in], optional "bias": [d_out]} (HF layout). Nothing else in the forward pass
-reads a weight, so a quantized weight container only has to be handled here.
+Every linear layer of every model is applied by `linear(x, p, options)`, with p the linear's
+param dict {"weight": [d_out, d_in], optional "bias": [d_out]} (HF layout). Nothing else in the
+forward pass reads a weight, so a quantized weight container only has to be handled here;
+`LinearOptions` (held by the model) says which packed_matmul kernel runs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -23,19 +25,35 @@ Params = dict[str, Any]
 Path = tuple[str, ...]
 
 
-def linear(x: jax.Array, p: Params) -> jax.Array:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearOptions:
+  """How `linear` runs a packed QuantizedWeight (dense weights ignore it). Hashable: a model
+  holds one (`CausalLM.linear_options`) and is a static jit argument.
+
+  implementation: the packed_matmul implementation, "auto", "reference" or "pallas_triton"
+    (kernels/packed_matmul: "auto" = Pallas on a GPU, the reference elsewhere).
+  interpret: run Pallas in interpret mode; None = only where there is no GPU.
+  """
+
+  implementation: str = "auto"
+  interpret: bool | None = None
+
+
+def linear(x: jax.Array, p: Params, options: LinearOptions = LinearOptions()) -> jax.Array:
   """x @ weight.T (+ bias) with f32 accumulation, returned in x's dtype.
 
   Args:
     x: [..., d_in] activations.
     p: {"weight": [d_out, d_in] array or a packed QuantizedWeight (then the packed_matmul
-      kernel runs), optional "bias": [d_out]}.
+      kernel `options` names runs), optional "bias": [d_out]}.
+    options: the kernel for a packed weight.
   Returns:
     [..., d_out].
   """
   if isinstance(p["weight"], QuantizedWeight):
     from cdquant_jax.kernels.linear import quantized_linear  # pylint: disable=import-outside-toplevel
-    return quantized_linear(x, p["weight"], p.get("bias"))
+    return quantized_linear(x, p["weight"], p.get("bias"), implementation=options.implementation,
+                            interpret=options.interpret)
   # [..., d_in] x [d_out, d_in] -> [..., d_out]
   y = jnp.einsum("...i,oi->...o", x, p["weight"], precision=HIGHEST,
                  preferred_element_type=jnp.float32)
@@ -55,17 +73,19 @@ class LinearRecorder:
 
   `rec(("self_attn", "q_proj"), x)` = `linear(x, layer_params["self_attn"]["q_proj"])`; with
   capture=True, `rec.inputs[path]` is x [B, T, d_in] (the Hessian input of that linear).
-  Pure Python bookkeeping at trace time, so it works under jit.
+  Pure Python bookkeeping at trace time, so it works under jit. `options`: see `linear`.
   """
 
-  def __init__(self, layer_params: Params, capture: bool):
+  def __init__(self, layer_params: Params, capture: bool,
+               options: LinearOptions = LinearOptions()):
     self.layer_params = layer_params
+    self.options = options
     self.inputs: dict[Path, jax.Array] | None = {} if capture else None
 
   def __call__(self, path: Path, x: jax.Array) -> jax.Array:
     if self.inputs is not None:
       self.inputs[path] = x
-    return linear(x, get_path(self.layer_params, path))
+    return linear(x, get_path(self.layer_params, path), self.options)
 
 
 def rms_norm(x: jax.Array, p: Params, eps: float, offset: float = 0.0) -> jax.Array:

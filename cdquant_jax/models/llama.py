@@ -46,7 +46,7 @@ class LlamaLike(CausalLM):
 
   def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
     x = layers.norm(h, layer_params["input_layernorm"], c)
     attn_out, cache = self._attention(lin, x, positions, layer_index, cache)
     if c.post_norms:
@@ -86,7 +86,7 @@ class LlamaLike(CausalLM):
     c = self.config
     h = layers.norm(h, params["norm"], c)
     lm_head = params["embed_tokens"] if c.tie_word_embeddings else params["lm_head"]
-    logits = layers.linear(h, lm_head)
+    logits = layers.linear(h, lm_head, self.linear_options)
     return layers.soft_cap(logits, c.final_softcap)
 
   def block_linears(self):

@@ -30,7 +30,7 @@ class OPT(CausalLM):
     c = self.config
     h = jnp.take(params["embed_tokens"]["weight"], ids, axis=0)
     if c.word_embed_proj_dim is not None:
-      h = layers.linear(h, params["project_in"])
+      h = layers.linear(h, params["project_in"], self.linear_options)
     # OPT's position table starts at offset 2 (row p + 2 holds position p).
     pos = jnp.take(params["embed_positions"]["weight"], positions + c.position_offset, axis=0)
     return h + pos.astype(h.dtype)
@@ -38,7 +38,7 @@ class OPT(CausalLM):
   def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
     del positions
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
     b, t, _ = h.shape
     x = layers.norm(h, layer_params["self_attn_layer_norm"], c) if c.pre_norm else h
     # [B, T, D] -> [B, T, H, Dh]
@@ -61,9 +61,9 @@ class OPT(CausalLM):
     if c.final_norm:
       h = layers.norm(h, params["final_layer_norm"], c)
     if c.word_embed_proj_dim is not None:
-      h = layers.linear(h, params["project_out"])
+      h = layers.linear(h, params["project_out"], self.linear_options)
     lm_head = params["embed_tokens"] if c.tie_word_embeddings else params["lm_head"]
-    return layers.linear(h, lm_head)
+    return layers.linear(h, lm_head, self.linear_options)
 
   def block_linears(self):
     return [[(ATTN, "k_proj"), (ATTN, "v_proj"), (ATTN, "q_proj")], [(ATTN, "out_proj")],

@@ -1,7 +1,8 @@
 """Quantized models: logits through packed_matmul equal those of the dequantized model.
 
-models.layers.linear dispatches a QuantizedWeight to kernels.quantized_linear; the
-`quantized_dispatch` fixture pins exactly that dispatch so these tests do not depend on it.
+models.layers.linear dispatches a QuantizedWeight to kernels.quantized_linear with the model's
+LinearOptions; the `quantized_dispatch` fixture pins exactly that dispatch so these tests do not
+depend on it (test_linear_options_reach_packed_matmul checks the real one).
 """
 
 import argparse
@@ -13,9 +14,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cdquant_jax.cli import generate
+from cdquant_jax.kernels import linear as kernels_linear
 from cdquant_jax.kernels import quantized_linear
 from cdquant_jax.models import layers, registry
-from cdquant_jax.models.layers import get_path
+from cdquant_jax.models.layers import LinearOptions, get_path
 from cdquant_jax.pipeline import export
 from cdquant_jax.quant.grids import GridConfig
 from cdquant_jax.quant.qweight import QuantizedWeight, pack_result
@@ -30,10 +32,11 @@ TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
 def quantized_dispatch(monkeypatch):
   dense_linear = layers.linear
 
-  def linear(x, p):
+  def linear(x, p, options=LinearOptions()):
     if isinstance(p["weight"], QuantizedWeight):
-      return quantized_linear(x, p["weight"], p.get("bias"))
-    return dense_linear(x, p)
+      return quantized_linear(x, p["weight"], p.get("bias"),
+                              implementation=options.implementation, interpret=options.interpret)
+    return dense_linear(x, p, options)
 
   monkeypatch.setattr(layers, "linear", linear)
 
@@ -66,10 +69,10 @@ def _assert_close(got, want, rel=1e-5):
   np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
 
 
-def test_tiny_prefill_and_cached_decode_logits_equal_dequantized(tiny, quantized_dispatch,
-                                                                 monkeypatch):
-  monkeypatch.setenv("CDQUANT_PACKED_MATMUL", "pallas_triton")  # interpreted on CPU
+def test_tiny_prefill_and_cached_decode_logits_equal_dequantized(tiny, quantized_dispatch):
   model, qparams, dparams = tiny
+  # pallas_triton runs interpreted on CPU
+  model = model.with_linear_options(LinearOptions(implementation="pallas_triton"))
   ids = jnp.asarray([[5, 17, 3, 42]], jnp.int32)
   step = jax.jit(model.decode_step)
   cache = model.init_cache(1, 8)
@@ -80,6 +83,24 @@ def test_tiny_prefill_and_cached_decode_logits_equal_dequantized(tiny, quantized
   _assert_close(step(qparams, nxt, q_cache)[0], step(dparams, nxt, d_cache)[0])
 
 
+@pytest.mark.parametrize("options", [LinearOptions(),
+                                     LinearOptions(implementation="reference", interpret=False)],
+                         ids=["default", "reference"])
+def test_linear_options_reach_packed_matmul(tiny, monkeypatch, options):
+  """The model's LinearOptions arrive at packed_matmul for every packed linear, nothing else."""
+  calls = []
+  real = kernels_linear.packed_matmul
+
+  def spy(x, qw, **kwargs):
+    calls.append((kwargs["implementation"], kwargs["interpret"]))
+    return real(x, qw, **kwargs)
+
+  monkeypatch.setattr(kernels_linear, "packed_matmul", spy)
+  model, qparams, _ = tiny
+  model.with_linear_options(options).forward(qparams, jnp.asarray([[5, 17, 3]], jnp.int32))
+  assert calls == [(options.implementation, options.interpret)] * len(model.linear_paths())
+
+
 def _word_tokenizer(vocab_size):
   vocab = {f"w{i}": i for i in range(vocab_size)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -88,14 +109,13 @@ def _word_tokenizer(vocab_size):
 
 
 def test_generate_cli_on_a_quantized_model_directory(tiny, quantized_dispatch, tmp_path,
-                                                     capsys, monkeypatch):
+                                                     capsys):
   model, qparams, _ = tiny
   weights = {".".join(str(k) for k in ("layers", i) + path): get_path(qparams["layers"][i],
                                                                          path)["weight"]
              for i in range(model.num_layers) for path in model.linear_paths()}
   export.write_model_dir(str(tmp_path), model, qparams, weights,
                          tokenizer=_word_tokenizer(TINY["vocab_size"]))
-  monkeypatch.delenv("CDQUANT_PACKED_MATMUL", raising=False)
   outputs = []
   for dense in (False, True):
     args = argparse.Namespace(model=str(tmp_path), prompt="w5 w17 w3", max_new_tokens=5,
@@ -106,13 +126,13 @@ def test_generate_cli_on_a_quantized_model_directory(tiny, quantized_dispatch, t
 
 
 @pytest.mark.slow
-def test_smollm2_logits_equal_dequantized(quantized_dispatch, monkeypatch):
+def test_smollm2_logits_equal_dequantized(quantized_dispatch):
   """SmolLM2-135M with layer 0's seven linears packed (w4 g64), kernel interpreted on CPU."""
   from tests.models.test_smollm2 import _gguf_path  # skips when the package is missing
   model, params, tok = registry.load_model(_gguf_path())
   qparams = quantize_layers(model, params, [0], bits=4, group_size=64)
   dparams = export.dense_params(qparams)
-  monkeypatch.setenv("CDQUANT_PACKED_MATMUL", "pallas_triton")
+  model = model.with_linear_options(LinearOptions(implementation="pallas_triton"))
   ids = jnp.asarray([tok.encode("The capital of France is").ids], jnp.int32)
   forward = jax.jit(model.forward)
   _assert_close(forward(qparams, ids), forward(dparams, ids), rel=1e-4)

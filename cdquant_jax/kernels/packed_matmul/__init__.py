@@ -1,7 +1,7 @@
 """`packed_matmul(x, qw)`: x [B, d_in] @ dequantize(qw)ᵀ -> f32 [B, d_out] on packed weights.
 
-Implementations (registry by name; `implementation=` or the CDQUANT_PACKED_MATMUL environment
-variable picks one, default "auto"):
+Implementations (registry by name; the `implementation=` argument picks one, default "auto"; a
+model passes its `LinearOptions.implementation`, see models/layers.py):
   "reference"      dequantize the container, f32 matmul at HIGHEST (reference.py, the spec).
   "pallas_triton"  Pallas kernels (pallas_triton.py dense, sparse.py outliers), Triton backend;
                    natively on a GPU, or in interpret mode anywhere (`interpret=True`).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ from cdquant_jax.quant.qweight import QuantizedWeight, dequantize
 __all__ = ["BlockConfig", "IMPLEMENTATIONS", "available_implementations", "packed_matmul",
            "packed_matmul_reference", "pallas_packed_matmul", "select_implementation"]
 
-ENV_VAR = "CDQUANT_PACKED_MATMUL"
 _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
@@ -97,8 +95,8 @@ def available_implementations(interpret: bool = False) -> dict[str, str | None]:
 
 def select_implementation(implementation: str | None = None, interpret: bool | None = None
                           ) -> tuple[Implementation, bool, str]:
-  """(implementation, interpret flag, why it was chosen) for the given request."""
-  name = implementation or os.environ.get(ENV_VAR) or "auto"
+  """(implementation, interpret flag, why it was chosen) for the given request (None = "auto")."""
+  name = implementation or "auto"
   if name != "auto":
     if name not in IMPLEMENTATIONS:
       raise ValueError(f"unknown packed_matmul implementation {name!r}; "

@@ -37,9 +37,3 @@ def test_without_gpu_auto_falls_back_to_reference_and_native_pallas_explains_why
     select_implementation("pallas_triton", interpret=False)
   impl, interpret, _ = select_implementation("pallas_triton", None)
   assert impl.name == "pallas_triton" and interpret
-
-
-def test_environment_variable_selects_the_implementation(monkeypatch):
-  monkeypatch.setenv("CDQUANT_PACKED_MATMUL", "reference")
-  impl, _, why = select_implementation(None, None)
-  assert impl.name == "reference" and why == "requested 'reference'"

@@ -35,18 +35,18 @@ def run(args: argparse.Namespace) -> int:
 def load_run_config(args: argparse.Namespace):
   """The RunConfig of --config (defaults when omitted) with --set and --output applied.
 
-  Errors name where the bad value is: the YAML file, or the one --set / --output flag.
+  Errors name where the bad value is: the YAML file when it fails alone, else the flags.
   """
+  from cdquant_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import config  # pylint: disable=import-outside-toplevel
+  overrides = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
   with errors.about(args.config):
     run_cfg = config.load_run_config(args.config)
-  flags = [(f"--set {s}", s) for s in args.set]
-  flags += [(f"--output {args.output}", f"output_dir={args.output}")] if args.output else []
-  for flag, assignment in flags:
-    with errors.about(flag):
-      run_cfg = config.apply_run_overrides(run_cfg, [assignment])
-  with errors.about(" ".join(flag for flag, _ in flags) or None):
-    return run_cfg.validate()
+  if not overrides:
+    return run_cfg
+  flags = [f"--set {s}" for s in args.set] + ([f"--output {args.output}"] if args.output else [])
+  with errors.about(" ".join(flags)):
+    return config.load_run_config(args.config, overrides)
 
 
 def format_summary(output_dir: str, metrics: dict) -> str:

@@ -150,32 +150,49 @@ def get_path(cfg: Any, path: str) -> Any:
 def replace_paths(cfg: Any, changes: dict[str, Any]) -> Any:
   """A copy of `cfg` with every dotted path in `changes` set, built (and validated) ONCE.
 
-  Values may be strings (parsed as YAML scalars unless the field is a string). Building once
-  matters: a class whose __post_init__ rejects a combination of fields must see the final
-  combination, not an intermediate one (e.g. init.method=rtn set before init.act_order=false).
+  Paths walk dataclass fields (unknown names raise ConfigError listing the known ones), keys of
+  free-form mapping fields (`quant.solvers.cd.max_steps_factor`) and list items by index
+  (`quant.rules.0.knobs.bits`). Values may be strings, parsed as YAML scalars unless the field is
+  a string. Building once matters: a class whose __post_init__ rejects a combination of fields
+  must see the final combination, not an intermediate one (e.g. init.method=rtn set before
+  init.act_order=false).
   """
-  for path in changes:
-    _check_path(cfg, path)
   data = to_dict(cfg)
   for path, value in changes.items():
-    node, cls = data, type(cfg)
-    *heads, last = path.split(".")
-    for name in heads:
-      cls, node = _hints(cls)[name], node[name]
-    if isinstance(value, str) and _hints(cls)[last] is not str:
-      value = _parse_scalar(value)
-    node[last] = to_dict(value)
+    data = _set_path(data, type(cfg), path.split("."), value, path)
   return from_dict(type(cfg), data)
 
 
-def _check_path(cfg: Any, path: str) -> None:
-  node = cfg
-  for name in path.split("."):
-    names = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
-    if name not in names:
-      raise ConfigError(f"{type(cfg).__name__} has no field {path!r}" + (
-          f" ({name!r} is not one of {sorted(names)})" if names else ""))
-    node = getattr(node, name)
+def _set_path(node: Any, annotation: Any, keys: list[str], value: Any, full: str) -> Any:
+  """`node` (plain data of a value of type `annotation`) with `keys` set to `value`."""
+  head, rest = keys[0], keys[1:]
+  if dataclasses.is_dataclass(annotation) and isinstance(node, dict):
+    hints = _hints(annotation)
+    if head not in hints:
+      raise ConfigError(f"{full}: {annotation.__name__} has no field {head!r}; "
+                        f"known: {sorted(hints)}")
+    child = _leaf(value, hints[head]) if not rest else _set_path(node[head], hints[head], rest,
+                                                                 value, full)
+    return {**node, head: child}
+  if isinstance(node, dict):
+    child = _leaf(value, Any) if not rest else _set_path(node.get(head, {}), Any, rest, value,
+                                                         full)
+    return {**node, head: child}
+  if isinstance(node, list):
+    if not head.isdigit() or int(head) >= len(node):
+      raise ConfigError(f"{full}: {head!r} is not an index of a {len(node)}-item list")
+    if not rest:
+      raise ConfigError(f"{full}: set a field of item {head}, not the whole item")
+    args = typing.get_args(annotation)
+    i = int(head)
+    return node[:i] + [_set_path(node[i], args[0] if args else Any, rest, value, full)] + node[i + 1:]
+  raise ConfigError(f"{full}: cannot descend into {type(node).__name__} at {head!r}")
+
+
+def _leaf(value: Any, annotation: Any) -> Any:
+  if isinstance(value, str) and annotation is not str:
+    return _parse_scalar(value)
+  return to_dict(value)
 
 
 def reject_unless(condition: bool, message: str) -> None:

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from cdquant_jax.pipeline import config
+from cdquant_jax.pipeline import config, rules
 from cdquant_jax.solvers import api
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -24,6 +24,6 @@ def test_config_parses_and_resolves(path):
   run = config.load_run_config(str(path))
   assert run.output_dir and run.calibration.nsamples > 0
   for name in MODULES:
-    if config.is_included(run.quant, name):
-      method, cfg = config.solver_for(run.quant, name)
+    if rules.is_included(run.quant, name):
+      method, cfg = rules.solver_for(run.quant, name)
       assert isinstance(cfg, api.config_class(method))

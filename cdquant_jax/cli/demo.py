@@ -105,9 +105,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def demo_run_config(method: str, args: argparse.Namespace, output_dir: str):
   """The RunConfig of one demo method (the same settings as configs/demo/*.yaml)."""
+  from cdquant_jax.models import aliases  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import config  # pylint: disable=import-outside-toplevel
   return config.run_config_from_dict(dict(
-      model=dict(path=config.SMOLLM2_ALIAS),
+      model=dict(path=aliases.SMOLLM2),
       calibration=dict(source="bundled", nsamples=args.nsamples or 32, seqlen=args.seqlen, seed=0),
       quant=dict(method=method, knobs=dict(bits=args.bits, group_size=args.group_size)),
       output_dir=os.path.join(output_dir, method), forward_batch_size=8, checkpoint="none"))
@@ -115,10 +116,10 @@ def demo_run_config(method: str, args: argparse.Namespace, output_dir: str):
 
 def run_model(args: argparse.Namespace, output_dir: str) -> int:
   from cdquant_jax import data  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.models import registry  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.pipeline import config, evaluation, sequential  # pylint: disable=import-outside-toplevel
+  from cdquant_jax.models import aliases, registry  # pylint: disable=import-outside-toplevel
+  from cdquant_jax.pipeline import evaluation, sequential  # pylint: disable=import-outside-toplevel
   methods = selected_methods(args)
-  model, params, tok = registry.load_model(config.resolve_model_path(config.SMOLLM2_ALIAS))
+  model, params, tok = registry.load_model(aliases.resolve_model_path(aliases.SMOLLM2))
   first = demo_run_config(methods[0], args, output_dir)
   calib = data.calibration_windows("bundled", tok, nsamples=first.calibration.nsamples,
                                    seqlen=args.seqlen, seed=0)

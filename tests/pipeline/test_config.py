@@ -9,7 +9,7 @@ import pytest
 from cdquant_jax import config as config_lib
 from cdquant_jax.cli import layer
 from cdquant_jax.config import ConfigError
-from cdquant_jax.pipeline import config
+from cdquant_jax.pipeline import config, rules
 from cdquant_jax.quant import qweight
 from cdquant_jax.solvers import api, knobs
 from tests.fixtures.layer_problems import layer_problem
@@ -30,7 +30,7 @@ def test_yaml_knobs_and_cli_flags_are_the_same_settings():
 
 def test_overrides_reach_fields_mappings_and_list_items():
   cfg = config.run_config_from_dict({"quant": {"rules": [{"pattern": "q_proj"}]}})
-  cfg = config.apply_run_overrides(cfg, [
+  cfg = config_lib.apply_overrides(cfg, [
       "quant.knobs.bits=2", "quant.solvers.cd.max_steps_factor=0.5",
       "quant.rules.0.knobs.group_size=64", "calibration.nsamples=7", "output_dir=x/y"])
   assert cfg.quant.knobs.bits == 2 and cfg.calibration.nsamples == 7
@@ -47,7 +47,7 @@ def test_overrides_reach_fields_mappings_and_list_items():
 ])
 def test_bad_overrides_name_the_field(bad, match):
   with pytest.raises(ConfigError, match=match):
-    config.apply_run_overrides(config.RunConfig(), bad).validate()
+    config_lib.apply_overrides(config.RunConfig(), bad).validate()
 
 
 def test_unknown_yaml_key_is_listed(tmp_path):
@@ -64,28 +64,28 @@ def test_rules_apply_in_order_and_switch_method():
       rules=(config.ModuleRule(pattern=r"mlp\.", knobs=config.Knobs(bits=4)),
              config.ModuleRule(pattern=r"down_proj$", method="gptq", set={"blocksize": 32})),
       include=(r"^layers\.[01]\.",), exclude=(r"o_proj",))
-  method, cfg = config.solver_for(quant, "layers.0.self_attn.q_proj")
+  method, cfg = rules.solver_for(quant, "layers.0.self_attn.q_proj")
   assert method == "cd" and cfg.grid.bits == 3
   assert cfg.grid.group_size == 64 and cfg.max_steps_factor == 0.25
-  method, cfg = config.solver_for(quant, "layers.1.mlp.up_proj")
+  method, cfg = rules.solver_for(quant, "layers.1.mlp.up_proj")
   assert method == "cd" and cfg.grid.bits == 4
-  method, cfg = config.solver_for(quant, "layers.1.mlp.down_proj")
+  method, cfg = rules.solver_for(quant, "layers.1.mlp.down_proj")
   assert method == "gptq" and cfg.grid.bits == 4 and cfg.blocksize == 32
-  assert config.is_included(quant, "layers.1.mlp.down_proj")
-  assert not config.is_included(quant, "layers.2.mlp.down_proj")
-  assert not config.is_included(quant, "layers.0.self_attn.o_proj")
+  assert rules.is_included(quant, "layers.1.mlp.down_proj")
+  assert not rules.is_included(quant, "layers.2.mlp.down_proj")
+  assert not rules.is_included(quant, "layers.0.self_attn.o_proj")
 
 
 def test_inapplicable_knob_names_module_and_method():
   quant = config.QuantSettings(method="spqr", knobs=config.Knobs(static_groups=True))
   with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.up_proj \(spqr\)"):
-    config.solver_for(quant, "layers.0.mlp.up_proj")
+    rules.solver_for(quant, "layers.0.mlp.up_proj")
 
 
 def _packed_meta(method: str, knobs: dict):
   """Metadata of the packed result of `solver_for` with global `knobs` on a 16×32 layer."""
   quant = config.QuantSettings(method=method, knobs=config.Knobs(**knobs))
-  method, cfg = config.solver_for(quant, "layers.0.mlp.up_proj")
+  method, cfg = rules.solver_for(quant, "layers.0.mlp.up_proj")
   W, H = layer_problem(np.random.default_rng(0), 16, 32, dtype=np.float32)
   return qweight.pack_result(api.solve(method, W, H, cfg)).meta
 

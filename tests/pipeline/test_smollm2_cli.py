@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from cdquant_jax.cli import main as cli
+from cdquant_jax.models import aliases
 from cdquant_jax.pipeline import config
 
 pytestmark = pytest.mark.slow
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_quantize_then_eval(tmp_path, capsys):
   try:
-    config.resolve_model_path(config.SMOLLM2_ALIAS)
+    aliases.resolve_model_path(aliases.SMOLLM2)
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(str(e))
   out = tmp_path / "run"

@@ -37,7 +37,6 @@ def load_run_config(args: argparse.Namespace):
 
   Errors name where the bad value is: the YAML file when it fails alone, else the flags.
   """
-  from cdquant_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import config  # pylint: disable=import-outside-toplevel
   overrides = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
   with errors.about(args.config):

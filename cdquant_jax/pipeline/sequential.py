@@ -27,8 +27,9 @@ from cdquant_jax._numerics import layer_objective, reference_energy
 from cdquant_jax.models import registry
 from cdquant_jax.models.layers import get_path
 from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog
-from cdquant_jax.pipeline.config import (RunConfig, is_included, module_name, pack_options,
-                                         resolve_model_path, solver_for)
+from cdquant_jax.models.aliases import resolve_model_path
+from cdquant_jax.pipeline.config import RunConfig
+from cdquant_jax.pipeline.rules import is_included, module_name, solver_for
 from cdquant_jax.quant import bits as bits_lib
 from cdquant_jax.quant import qweight
 from cdquant_jax.solvers import api
@@ -224,8 +225,8 @@ def quantize_linear(run: RunConfig, layer_params: Params, path: Path, name: str,
   W = jnp.asarray(weight, jnp.float32)
   method, cfg = solver_for(run.quant, name)
   result = api.solve(method, W, H, cfg, layer=name)
-  options = pack_options(method, cfg, run.quant)
-  qw = qweight.pack_result(result, method=method, **options)
+  lossy = method.startswith("spqr") and run.quant.spqr_lossy_outliers
+  qw = qweight.pack_result(result, allow_lossy_outliers=lossy)
   Q = export.dense_weight(qw, weight.dtype)
   layer_params = set_path(layer_params, path + ("weight",), Q)
   objective = float(result.objective)
@@ -233,7 +234,7 @@ def quantize_linear(run: RunConfig, layer_params: Params, path: Path, name: str,
   record = dict(module=name, shape=list(W.shape), method=method, objective=objective,
                 energy=energy, relative_objective=objective / energy if energy > 0 else None,
                 **runlog.damping(result.diagnostics), **bits_lib.bits_report(qw),
-                lossy_outliers=bool(options["allow_lossy_outliers"] and qw.meta.nnz > 0),
+                lossy_outliers=bool(lossy and qw.meta.nnz > 0),
                 seconds=round(time.perf_counter() - start, 4))
   if record["lossy_outliers"]:
     record["objective_stored"] = float(layer_objective(W, qweight.dequantize(qw), H))

@@ -292,27 +292,22 @@ def _float_stat(values: np.ndarray, n_groups_pad: int) -> tuple[str, np.ndarray]
   return ("f16", rows.astype(np.float16)) if _fits_f16(rows) else ("f32", rows)
 
 
-def _qq_stat(extras: dict, which: str, bits: int, d_out: int, n_groups: int,
-             n_groups_pad: int, qq: int) -> dict[str, np.ndarray]:
-  """Packs SpQR's second-level codes and float16 stats of the first-level `which` stat."""
-  codes = np.asarray(extras[f"{which}_codes"])
+def _qq_stat(stats, which: str, d_out: int, n_groups: int, n_groups_pad: int
+             ) -> dict[str, np.ndarray]:
+  """Packs SpQR's second-level codes and stats of the first-level `which` stat (f32 stats)."""
+  codes, qq_scale, qq_zero = (np.asarray(a) for a in stats.level(which))
+  qq = stats.qq_groupsize
   if codes.shape != (d_out, n_groups):
-    raise ValueError(f"extras[{which}_codes] has shape {codes.shape}, expected "
-                     f"{(d_out, n_groups)}")
+    raise ValueError(f"spqr.{which}_codes has shape {codes.shape}, expected {(d_out, n_groups)}")
   rows = packing.padded_rows(n_groups_pad)
-  out = {which: packing.pack_codes(_pad_rows(codes.T, rows), bits)}
-  for level in ("scale", "zero"):
+  out = {which: packing.pack_codes(_pad_rows(codes.T, rows), stats.bits(which))}
+  for level, stat in (("scale", qq_scale), ("zero", qq_zero)):
     key = f"{which}_qq_{level}"
-    stat = np.asarray(extras[key], np.float32)
+    stat = np.asarray(stat, np.float32)
     if stat.shape != (d_out // qq, n_groups):
-      raise ValueError(f"extras[{key}] has shape {stat.shape}, expected {(d_out // qq, n_groups)}")
+      raise ValueError(f"spqr.{key} has shape {stat.shape}, expected {(d_out // qq, n_groups)}")
     out[key] = _pad_rows(np.ascontiguousarray(stat.T), n_groups_pad)
   return out
-
-
-def _extra_int(extras: dict, key: str, given: int | None) -> int | None:
-  """An integer from the result's extras, else the caller's value."""
-  return int(np.asarray(extras[key])) if key in extras else given
 
 
 def _first_mismatch(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -352,20 +347,23 @@ def _dense_parts(qw: QuantizedWeight) -> tuple[dict[str, jax.Array], jax.Array]:
   return stats, dense_weight(qw)
 
 
-def _stat_fields(grid, extras: dict, qq_bits: dict, d_out: int, n_groups_pad: int):
-  """(array fields, {"scale"/"zero": format}, qq_dtype) of the first- and second-level stats."""
+def _stat_fields(grid, stats, d_out: int, n_groups_pad: int):
+  """(array fields, {"scale"/"zero": format}, qq_dtype) of the first- and second-level stats.
+
+  `stats` is the result's SpQRStats (None: both levels stored as floats).
+  """
   n_groups = int(grid.scale.shape[1])
-  qq = _extra_int(extras, "qq_groupsize", 0)
   fields, formats = {}, {}
   for which, values in (("scale", grid.scale), ("zero", grid.zero)):
-    if f"{which}_codes" not in extras:
+    if stats is None or stats.level(which) is None:
       formats[which], fields[which] = _float_stat(np.asarray(values, np.float32), n_groups_pad)
       continue
-    if not qq_bits[which] or not qq or d_out % qq:
-      raise ValueError(f"{which}: second-level codes need qq_{which}_bits (got "
-                       f"{qq_bits[which]}) and a qq_groupsize dividing d_out={d_out} (got {qq})")
+    bits, qq = stats.bits(which), stats.qq_groupsize
+    if bits <= 0 or qq <= 0 or d_out % qq:
+      raise ValueError(f"{which}: second-level codes need spqr.qq_{which}_bits > 0 (got {bits}) "
+                       f"and a qq_groupsize dividing d_out={d_out} (got {qq})")
     formats[which] = "qq"
-    fields.update(_qq_stat(extras, which, qq_bits[which], d_out, n_groups, n_groups_pad, qq))
+    fields.update(_qq_stat(stats, which, d_out, n_groups, n_groups_pad))
   qq_fields = [k for k in QQ_FIELDS if k in fields]
   qq_dtype = "f16" if all(_fits_f16(fields[k]) for k in qq_fields) else "f32"
   if qq_dtype == "f16":
@@ -373,53 +371,47 @@ def _stat_fields(grid, extras: dict, qq_bits: dict, d_out: int, n_groups_pad: in
   return fields, formats, qq_dtype
 
 
-def pack_result(result, *, method: str, sym: bool = False, round_zero: bool = False,
-                qq_scale_bits: int | None = None, qq_zero_bits: int | None = None,
-                allow_lossy_outliers: bool = False) -> QuantizedWeight:
+def pack_result(result, *, allow_lossy_outliers: bool = False) -> QuantizedWeight:
   """Packs a `SolveResult` into a `QuantizedWeight` and checks dequantize(·) == result.Q.
 
+  Everything the format records comes from the result: bits, flavour, sym and round_zero from
+  `result.grid`, the method name from `result.method`, and (SpQR) the second-level codes,
+  float statistics (stored as float16 when all are representable, else float32), code widths
+  and qq_groupsize from `result.spqr`.
+
   Args:
-    result: the solver's SolveResult. SpQR results carry extras "scale_codes"/"zero_codes"
-      ([d_out, n_groups] int32; absent for an unquantized level), "{scale,zero}_qq_{scale,
-      zero}" ([d_out / qq, n_groups] f32; stored as float16 when all are representable, else
-      float32), "qq_groupsize" and optionally "qq_scale_bits"/"qq_zero_bits" (else given here).
-    method: name recorded in the metadata.
-    sym, round_zero: recorded in the metadata (round_zero changes the paper's bits formula).
-    qq_scale_bits, qq_zero_bits: second-level code widths when the extras lack them.
+    result: the solver's SolveResult.
     allow_lossy_outliers: store outliers whose correction Q − dense is not exactly a float16
       (the round trip is then exact everywhere but at those outliers).
   Raises:
     ValueError: naming the field/position when the result cannot be stored exactly.
   """
+  method = result.method
   Q = np.asarray(result.Q, np.float32)
   codes = np.asarray(result.codes)
   d_out, d_in = Q.shape
-  grid, extras = result.grid, dict(result.extras)
+  grid, stats = result.grid, result.spqr
   if codes.shape != Q.shape:
     raise ValueError(f"codes shape {codes.shape} != Q shape {Q.shape}")
   if codes.min() < 0 or codes.max() > grid.maxq:
     raise ValueError(f"codes outside [0, {grid.maxq}]: [{codes.min()}, {codes.max()}]")
   n_groups = int(grid.scale.shape[1])
   G, perm = storage_order(np.asarray(grid.group_index), n_groups)
-  if _extra_int(extras, "groupsize", G) != G:
-    raise ValueError(f"extras[groupsize]={_extra_int(extras, 'groupsize', G)} but the grid's "
-                     f"groups have {G} columns")
+  if stats is not None and stats.groupsize != G:
+    raise ValueError(f"spqr.groupsize={stats.groupsize} but the grid's groups have {G} columns")
   k_pad = packing.padded_rows(d_in)
   n_groups_pad = -(-k_pad // G)
   order = np.arange(d_in) if perm is None else perm
-  qq_bits = dict(scale=_extra_int(extras, "qq_scale_bits", qq_scale_bits),
-                 zero=_extra_int(extras, "qq_zero_bits", qq_zero_bits))
-  fields, formats, qq_dtype = _stat_fields(grid, extras, qq_bits, d_out, n_groups_pad)
+  fields, formats, qq_dtype = _stat_fields(grid, stats, d_out, n_groups_pad)
   fields["codes"] = packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), result.bits)
-  has_qq = "qq" in formats.values()
+  qq_bits = {w: stats.bits(w) if formats[w] == "qq" else 0 for w in ("scale", "zero")}
   meta = QuantMeta(method=method, bits=result.bits, group_size=G, flavor=grid.flavor.value,
-                   sym=sym, d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
+                   sym=grid.sym, d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
                    n_groups_pad=n_groups_pad, scale_format=formats["scale"],
                    zero_format=formats["zero"],
-                   qq_groupsize=_extra_int(extras, "qq_groupsize", 0) if has_qq else 0,
-                   qq_scale_bits=qq_bits["scale"] if formats["scale"] == "qq" else 0,
-                   qq_zero_bits=qq_bits["zero"] if formats["zero"] == "qq" else 0,
-                   qq_dtype=qq_dtype, round_zero=round_zero, has_perm=perm is not None)
+                   qq_groupsize=stats.qq_groupsize if any(qq_bits.values()) else 0,
+                   qq_scale_bits=qq_bits["scale"], qq_zero_bits=qq_bits["zero"],
+                   qq_dtype=qq_dtype, round_zero=grid.round_zero, has_perm=perm is not None)
   meta.validate()
   qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
                        perm=None if perm is None else jnp.asarray(perm), meta=meta)

@@ -13,6 +13,7 @@ is not positive and finite keeps its old (scale, zero).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -70,13 +71,11 @@ def refit_grid(W, H, Q, grid: Grid, grid_cfg: GridConfig, *,
   usable = jnp.isfinite(scale) & (scale > 0) & jnp.isfinite(zero)
   scale = jnp.where(usable, scale, grid.scale)
   zero = jnp.where(usable, zero, grid.zero)
-  new = Grid(scale=scale, zero=zero, group_index=grid.group_index, maxq=grid.maxq,
-             flavor=grid.flavor)
+  new = dataclasses.replace(grid, scale=scale, zero=zero)
   Q_new = grids.dequantize(codes.astype(jnp.int32), new)
   ok = row_objectives(W, Q_new, H) < row_objectives(W, Q, H)
-  new = Grid(scale=jnp.where(ok[:, None], scale, grid.scale),
-             zero=jnp.where(ok[:, None], zero, grid.zero), group_index=grid.group_index,
-             maxq=grid.maxq, flavor=grid.flavor)
+  new = dataclasses.replace(grid, scale=jnp.where(ok[:, None], scale, grid.scale),
+                            zero=jnp.where(ok[:, None], zero, grid.zero))
   new_codes = codes.astype(jnp.int32)
   if dead is not None:
     new_codes = jnp.where(dead[None, :], grids.quantize(jnp.zeros_like(W), new), new_codes)

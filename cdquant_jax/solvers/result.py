@@ -11,6 +11,53 @@ from cdquant_jax.quant.grids import Grid
 
 
 @jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpQRStats:
+  """SpQR's second-level statistics: the first-level scale / zero stored as codes.
+
+  The dequantized first-level statistic of row r, group g is
+      s2[r // qq_groupsize, g] · (codes[r, g] − z2[r // qq_groupsize, g])   (f32)
+  and equals `grid.scale` / `grid.zero` of the result. A level kept unquantized (its qq bits
+  None in the config) has its three arrays None and its bits 0.
+
+  Attributes:
+    scale_codes, zero_codes: [d_out, n_groups] int32 codes in [0, 2^qq_bits).
+    scale_qq_scale, scale_qq_zero, zero_qq_scale, zero_qq_zero: [d_out / qq_groupsize,
+      n_groups] f32 second-level scale and zero.
+    qq_scale_bits, qq_zero_bits: static code widths (0 = level unquantized).
+    qq_groupsize: static, output rows sharing one second-level (scale, zero).
+    groupsize: static, input columns per first-level group.
+  """
+
+  scale_codes: jax.Array | None = None
+  scale_qq_scale: jax.Array | None = None
+  scale_qq_zero: jax.Array | None = None
+  zero_codes: jax.Array | None = None
+  zero_qq_scale: jax.Array | None = None
+  zero_qq_zero: jax.Array | None = None
+  qq_scale_bits: int = dataclasses.field(default=0, metadata=dict(static=True))
+  qq_zero_bits: int = dataclasses.field(default=0, metadata=dict(static=True))
+  qq_groupsize: int = dataclasses.field(default=0, metadata=dict(static=True))
+  groupsize: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  def level(self, which: str) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(codes, qq_scale, qq_zero) of the first-level "scale" or "zero"; None if unquantized."""
+    codes = getattr(self, f"{which}_codes")
+    if codes is None:
+      return None
+    return codes, getattr(self, f"{which}_qq_scale"), getattr(self, f"{which}_qq_zero")
+
+  def bits(self, which: str) -> int:
+    """Code width of the "scale" or "zero" level (0 = unquantized)."""
+    return self.qq_scale_bits if which == "scale" else self.qq_zero_bits
+
+  def arrays(self) -> dict[str, jax.Array]:
+    """The present arrays by field name."""
+    names = [f"{w}_{k}" for w in ("scale", "zero") for k in ("codes", "qq_scale", "qq_zero")]
+    return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SolveResult:
   """A quantized layer.
@@ -26,7 +73,10 @@ class SolveResult:
     objective: f32 scalar tr((W − Q) H (W − Q)ᵀ) on the undamped H given to the solver.
     outlier_mask: [d_out, d_in] bool, weights kept in full precision (all False but for SpQR).
     diagnostics: method-specific arrays (e.g. the damping used, per-step objective traces).
-    extras: method-specific format arrays (e.g. SpQR's second-level statistics).
+    spqr: SpQR's second-level statistics (None for every other method).
+    method: static, the producing method's registry name. `api.solve` sets it; a solver
+      called directly (`gptq(W, H, cfg)`) leaves "unknown", which packs all the same (the
+      packed format needs only the grid and `spqr`; the name is recorded as metadata).
   """
 
   Q: jax.Array
@@ -36,7 +86,8 @@ class SolveResult:
   objective: jax.Array
   outlier_mask: jax.Array
   diagnostics: dict = dataclasses.field(default_factory=dict)
-  extras: dict = dataclasses.field(default_factory=dict)
+  spqr: SpQRStats | None = None
+  method: str = dataclasses.field(default="unknown", metadata=dict(static=True))
 
   @property
   def bits(self) -> int:

@@ -51,7 +51,7 @@ def quantize_layers(model, params, layer_ids, bits=3, group_size=16):
       W = np.asarray(p["weight"], np.float32)
       result = rtn(W, np.eye(W.shape[1], dtype=np.float32),
                    RTNConfig(grid=GridConfig(bits=bits, group_size=group_size)))
-      p["weight"] = pack_result(result, method="rtn")
+      p["weight"] = pack_result(result)
     new_layers[i] = layer
   return {**params, "layers": new_layers}
 

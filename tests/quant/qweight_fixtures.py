@@ -3,7 +3,7 @@
 import numpy as np
 
 from cdquant_jax.quant.grids import Flavor, Grid
-from cdquant_jax.solvers.result import SolveResult
+from cdquant_jax.solvers.result import SolveResult, SpQRStats
 
 
 def f16(x) -> np.ndarray:
@@ -30,20 +30,18 @@ def _second_level(rng, d_out, n_groups, qq, bits):
 
 
 def spqr_like_result(rng, *, d_out=32, d_in=48, bits=3, G=16, qq=16, qq_bits=3,
-                     quantize_zero=True, act_order=True, outlier_share=0.05,
-                     extras_bits=False) -> SolveResult:
-  """A result with SpQR's extras; outliers Q = dense + f32(f16(delta)) (exactly storable)."""
+                     quantize_zero=True, act_order=True, outlier_share=0.05) -> SolveResult:
+  """A result with SpQR's second-level stats; outliers Q = dense + f32(f16(delta)) (storable)."""
   n_groups = d_in // G
-  extras = {"qq_groupsize": np.int32(qq), "groupsize": np.int32(G)}
+  levels = dict(qq_scale_bits=qq_bits)
   sc, s_s2, s_z2, scale = _second_level(rng, d_out, n_groups, qq, qq_bits)
-  extras.update(scale_codes=sc, scale_qq_scale=s_s2, scale_qq_zero=s_z2)
+  levels.update(scale_codes=sc, scale_qq_scale=s_s2, scale_qq_zero=s_z2)
   if quantize_zero:
     zc, z_s2, z_z2, zero = _second_level(rng, d_out, n_groups, qq, qq_bits)
-    extras.update(zero_codes=zc, zero_qq_scale=z_s2, zero_qq_zero=z_z2)
+    levels.update(zero_codes=zc, zero_qq_scale=z_s2, zero_qq_zero=z_z2, qq_zero_bits=qq_bits)
   else:
     zero = f16(rng.uniform(0, 2**bits - 1, size=(d_out, n_groups)))
-  if extras_bits:
-    extras.update(qq_scale_bits=np.int32(qq_bits), qq_zero_bits=np.int32(qq_bits))
+  stats = SpQRStats(**levels, qq_groupsize=qq, groupsize=G)
   group_index = group_index_of(rng, d_in, G, act_order)
   codes = rng.integers(0, 2**bits, size=(d_out, d_in)).astype(np.int32)
   dense = scale[:, group_index] * (codes.astype(np.float32) - zero[:, group_index])
@@ -53,7 +51,7 @@ def spqr_like_result(rng, *, d_out=32, d_in=48, bits=3, G=16, qq=16, qq_bits=3,
   grid = Grid(scale=scale, zero=zero, group_index=group_index, maxq=2**bits - 1,
               flavor=Flavor.SPQR)
   return SolveResult(Q=Q, codes=codes, grid=grid, perm=np.arange(d_in, dtype=np.int32),
-                     objective=np.float32(0), outlier_mask=mask, extras=extras)
+                     objective=np.float32(0), outlier_mask=mask, spqr=stats, method="spqr")
 
 
 def bit_equal(a, b) -> bool:

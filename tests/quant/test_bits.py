@@ -45,7 +45,7 @@ def _rtn_result(d_out, d_in, bits, group_size, fp16):
 
 
 def test_gptq_style_groups_stored_equals_formula():
-  qw = pack_result(_rtn_result(64, 256, 4, 128, True), method="rtn")
+  qw = pack_result(_rtn_result(64, 256, 4, 128, True))
   # codes 256·4/8 bytes per channel + f16 scale and zero for 2 groups.
   assert stored_bytes(qw) == 64 * 128 + 2 * 2 * 64 * 2
   assert bits_stored(qw) == 4.25
@@ -53,7 +53,7 @@ def test_gptq_style_groups_stored_equals_formula():
 
 
 def test_per_channel_float32_scales_cost_their_real_bytes():
-  qw = pack_result(_rtn_result(64, 256, 4, -1, False), method="rtn")
+  qw = pack_result(_rtn_result(64, 256, 4, -1, False))
   assert (qw.meta.scale_format, qw.meta.zero_format) == ("f32", "f16")
   assert stored_bytes(qw) == 64 * 128 + 64 * 4 + 64 * 2
   assert bits_stored(qw) == 8 * (8192 + 384) / (64 * 256)
@@ -64,7 +64,7 @@ def test_spqr_like_stored_and_formula():
   result = spqr_like_result(np.random.default_rng(0), d_out=32, d_in=48, bits=3, G=16)
   nnz = int(np.sum(result.outlier_mask))
   assert nnz > 0
-  qw = pack_result(result, method="spqr", qq_scale_bits=3, qq_zero_bits=3)
+  qw = pack_result(result)
   expected_bytes = (
       3 * 2 * 32 * 4  # codes: 3 planes × k_pad/32 = 2 × N words
       + 2 * 3 * 1 * 32 * 4  # scale and zero codes: 3 planes × 1 × N words each

@@ -16,11 +16,9 @@ from tests.quant.qweight_fixtures import spqr_like_result
 @pytest.fixture(scope="module")
 def weights():
   rng = np.random.default_rng(0)
-  spqr = pack_result(spqr_like_result(rng, bits=3), method="spqr", qq_scale_bits=3,
-                     qq_zero_bits=3)
+  spqr = pack_result(spqr_like_result(rng, bits=3))
   other = pack_result(spqr_like_result(rng, bits=4, d_in=64, G=32, quantize_zero=False,
-                                       act_order=False, outlier_share=0.0),
-                      method="spqr", qq_scale_bits=3)
+                                       act_order=False, outlier_share=0.0))
   return {"layers.0.attn.q_proj": spqr, "layers.0.mlp.up_proj": other}
 
 

@@ -26,22 +26,21 @@ def _rtn(bits, group_size, d_out, d_in, fp16=False):
   W, H = layer_problem(np.random.default_rng(bits), d_out, d_in, dtype=np.float32)
   result = rtn(W, H, RTNConfig(grid=GridConfig(bits=bits, group_size=group_size,
                                                fp16_stats=fp16)))
-  return result, pack_result(result, method="rtn")
+  return result, pack_result(result)
 
 
 def _gptq(bits, group_size, d_out, d_in):
   W, H = layer_problem(np.random.default_rng(10 + bits), d_out, d_in, dtype=np.float32)
   cfg = GPTQConfig(grid=GridConfig(bits=bits, group_size=group_size), act_order=True)
   result = gptq(W, H, cfg)
-  return result, pack_result(result, method="gptq")
+  return result, pack_result(result)
 
 
 def _spqr(bits, qq_bits, d_out, d_in, quantize_zero, outlier_share):
   result = spqr_like_result(np.random.default_rng(20 + bits), d_out=d_out, d_in=d_in,
                             bits=bits, qq_bits=qq_bits, quantize_zero=quantize_zero,
                             outlier_share=outlier_share)
-  return result, pack_result(result, method="spqr", qq_scale_bits=qq_bits,
-                             qq_zero_bits=qq_bits)
+  return result, pack_result(result)
 
 
 BUILDERS = {

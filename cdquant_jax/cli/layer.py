@@ -2,7 +2,7 @@
 
 Input npz: `W` [d_out, d_in] and `H` [d_in, d_in] (float32 or float64); other keys are ignored.
 Output npz: `Q` (f32, original column order), `codes`, `scale`, `zero`, `group_index`, `perm`,
-`outlier_mask` and the method's extra arrays (prefixed `extra_`).
+`outlier_mask` and SpQR's second-level statistics (prefixed `spqr_`).
 With --json the last stdout line is one JSON object (objective, relative_objective, bits, seconds).
 Bad input exits with code 2 and one line naming the problem.
 """
@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
 
 from cdquant_jax import config as config_lib
 from cdquant_jax.solvers import api, knobs
-
-EXIT_BAD_INPUT = 2
 
 
 class BadInput(Exception):
@@ -107,20 +104,13 @@ def write_output(path: str, result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  try:
-    W, H = load_problem(args.input)
-    cfg = build_config(args)
-  except (BadInput, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  try:
-    start = time.perf_counter()
-    result = api.solve(args.method, W, H, cfg, layer=args.layer_name)
-    result.Q.block_until_ready()
-    seconds = time.perf_counter() - start
-  except ValueError as e:  # bits / group size / Hessian problems found by the solver
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+  """Bad input raises BadInput / ConfigError / HessianError (one line and exit 2 in cli.main)."""
+  W, H = load_problem(args.input)
+  cfg = build_config(args)
+  start = time.perf_counter()
+  result = api.solve(args.method, W, H, cfg, layer=args.layer_name)
+  result.Q.block_until_ready()
+  seconds = time.perf_counter() - start
   summary = summarize(args.method, W, H, result, seconds, cfg)
   if args.output:
     write_output(args.output, result)

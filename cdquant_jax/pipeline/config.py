@@ -148,7 +148,26 @@ class RunConfig:
     unknown = sorted(set(self.quant.solvers) - set(api.METHODS))
     if unknown:
       raise config_lib.ConfigError(f"quant.solvers: unknown method(s) {unknown}")
+    check_solver_settings(self.quant)
     return self
+
+
+def check_solver_settings(quant: QuantSettings) -> None:
+  """Builds the solver config of the default method and of every rule on its own (base
+  config, global knobs, then the rule's knobs and fields), so that a bad or inapplicable
+  setting is rejected when the run config is built, not when the first module is solved.
+  (Rules that match the same module also combine; `rules.solver_for` checks those.)"""
+  chains = [("quant", quant.method, ())] + [(f"quant.rules.{i}", r.method or quant.method, (r,))
+                                            for i, r in enumerate(quant.rules)]
+  for where, method, rules in chains:
+    try:
+      cfg = api.config_from_dict(method, quant.solvers.get(method))
+      cfg = knobs_lib.apply(cfg, quant.knobs.as_dict())
+      for rule in rules:
+        cfg = knobs_lib.apply(cfg, rule.knobs.as_dict())
+        config_lib.apply_overrides(cfg, dict(rule.set))
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{where} ({method}): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------

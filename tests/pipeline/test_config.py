@@ -96,3 +96,16 @@ def test_packed_metadata_follows_the_knobs():
   assert (meta.qq_scale_bits, meta.qq_zero_bits) == (2, 2)
   meta = _packed_meta("cd", dict(bits=2, sym=True))
   assert (meta.method, meta.bits, meta.sym, meta.qq_scale_bits) == ("cd", 2, True, 0)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["quant.knobs.bits=1"], r"quant \(cd\).*grid.bits must be in \[2, 8\]"),
+    (["quant.method=spqr", "quant.knobs.static_groups=true"], r"no setting for static_groups"),
+    (["quant.rules.0.knobs.init=rtn", "quant.rules.0.knobs.act_order=true"],
+     r"quant.rules.0 \(cd\).*only apply to method='gptq'"),
+])
+def test_solver_settings_are_checked_when_the_run_config_is_built(overrides, match):
+  base = config.run_config_from_dict({"quant": {"method": "cd",
+                                                "rules": [{"pattern": "q_proj"}]}})
+  with pytest.raises(ConfigError, match=match):
+    config_lib.apply_overrides(base, overrides).validate()

@@ -1,4 +1,8 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename."""
+"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename.
+
+Files end up with the permissions a plain `open(path, "w")` gives (0o666 less the umask), not
+the 0o600 of the `tempfile.mkstemp` file they are written through.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,13 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def current_umask() -> int:
+  """The process umask (read by setting it and restoring it at once)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
@@ -21,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~current_umask())
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)

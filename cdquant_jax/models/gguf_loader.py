@@ -120,6 +120,17 @@ def dequantized(tensor) -> np.ndarray:
   return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
+# GGUF float tensor types -> numpy dtype names; every other type is block-quantized.
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def source_dtypes(reader, path: str) -> dict[str, str]:
+  """{HF tensor name: its type in the file}: "float32" / "float16" / "bfloat16" for float
+  tensors, the GGML type name (e.g. "Q8_0") for block-quantized ones. Metadata only."""
+  return {hf_tensor_name(t.name, path): _FLOAT_TYPES.get(t.tensor_type.name, t.tensor_type.name)
+          for t in reader.tensors}
+
+
 def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(HF config dict, {HF tensor name: float32 array}) of a GGUF file.
 

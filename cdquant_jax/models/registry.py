@@ -59,7 +59,18 @@ def _checkpoint_model(hf_config_dict: dict[str, Any], config_file: str) -> Causa
     raise ModelLoadError(f"{config_file}: {e}") from e
 
 
-def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True):
+def _by_param_name(model, by_hf_name: dict[str, str]) -> dict[str, str]:
+  """{HF tensor name: v} -> {dotted parameter path: v} for the tensors the model uses."""
+  out = {}
+  for name, value in by_hf_name.items():
+    path = model.hf_name_to_path(name)
+    if path is not None:
+      out[".".join(str(k) for k in path)] = value
+  return out
+
+
+def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True, *,
+               source_dtypes: dict[str, str] | None = None):
   """Loads a checkpoint into (model, params, tokenizer or None).
 
   Args:
@@ -67,6 +78,10 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
       (downloaded with huggingface_hub; needs network).
     dtype: parameter dtype, float32 / bfloat16 / float16 (or their names).
     with_tokenizer: also build a `tokenizers.Tokenizer` (None when the checkpoint has none).
+    source_dtypes: a dict to fill with {dotted parameter name ("layers.0.mlp.up_proj.weight"):
+      the checkpoint's type of that tensor} ("float32" / "float16" / "bfloat16", or a GGUF
+      block type such as "Q8_0"), for `export.write_model_dir` to store unquantized tensors
+      no wider than they came.
   """
   from cdquant_jax.models import gguf_loader, tokenizer  # pylint: disable=import-outside-toplevel
   dtype = as_dtype(dtype)
@@ -81,6 +96,10 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
     hf_config_dict = hf_loader.read_config(source)
     state = hf_loader.load_state_dict(source)
   model = _checkpoint_model(hf_config_dict, config_file)
+  if source_dtypes is not None:
+    types = (gguf_loader.source_dtypes(reader, source) if reader is not None
+             else {name: a.dtype.name for name, a in state.items()})
+    source_dtypes.update(_by_param_name(model, types))
   params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   tok = None
   if with_tokenizer and tokenizer.has_tokenizer(source, reader):

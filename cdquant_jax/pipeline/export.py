@@ -4,7 +4,10 @@ Layout (every file written atomically):
   model.json             {"config": ModelConfig fields, "dtype": "float32", "format": ...}
   params.safetensors     every parameter that is not a quantized linear weight (embeddings,
                          norms, biases, excluded linears), named by dotted path
-                         ("layers.0.input_layernorm.weight"); bfloat16 stored as float32
+                         ("layers.0.input_layernorm.weight"), each in the narrowest float type
+                         that holds it exactly among the source checkpoint's own type of the
+                         tensor and the model dtype (see `storage_dtype`); read back as the
+                         model dtype
   quantized.safetensors  the QuantizedWeight of each quantized linear, named by module
                          ("layers.0.self_attn.q_proj"; `quant.serialize` format, sha256-checked)
   tokenizer.json         the tokenizer, when the model has one
@@ -23,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -72,22 +76,58 @@ def dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
 
 
+FLOAT_TYPES = ("float16", "bfloat16", "float32")  # storable types, narrowest first
+
+
+def _holds_exactly(a: np.ndarray, dtype: str) -> bool:
+  """Whether casting `a` to `dtype` and back gives the same bits."""
+  back = a.astype(dtype).astype(a.dtype)
+  bits = f"u{a.dtype.itemsize}"
+  return np.array_equal(back.view(bits), a.view(bits))
+
+
+def storage_dtype(a: np.ndarray, source: str | None) -> str:
+  """The float type an unquantized parameter `a` is stored in.
+
+  Candidates: the source checkpoint's type of the tensor when it is one of FLOAT_TYPES (a
+  GGUF F16 / BF16 / F32 tensor, a safetensors tensor), float16 when the source is a
+  block-quantized GGUF type (e.g. "Q8_0": its dequantized values need not be float16), and the
+  in-memory dtype. The narrowest candidate that holds every value exactly wins (the in-memory
+  dtype always does). Other dtypes (not a model parameter's) are stored as float32.
+
+  Args:
+    a: the parameter as held in memory (any shape; float16 / bfloat16 / float32).
+    source: the checkpoint's type name of the tensor, or None when unknown.
+  """
+  if a.dtype.name not in FLOAT_TYPES:
+    return "float32"
+  candidates = [source if source in FLOAT_TYPES else "float16"] if source else []
+  candidates.append(a.dtype.name)
+  candidates.sort(key=lambda t: np.dtype(t).itemsize)  # stable: ties keep the source first
+  return next(t for t in candidates if _holds_exactly(a, t))
+
+
 def write_model_dir(directory: str, model, params: Params, qweights: dict[str, QuantizedWeight],
-                    *, tokenizer=None, run_config=None, extra: dict | None = None) -> None:
+                    *, tokenizer=None, run_config=None, extra: dict | None = None,
+                    source_dtypes: dict[str, str] | None = None) -> None:
   """Writes model.json, params.safetensors, quantized.safetensors (+ tokenizer, run config).
 
   params: the model's params (the entries at quantized linears' weights are not written);
-  qweights: module name -> QuantizedWeight.
+  qweights: module name -> QuantizedWeight;
+  source_dtypes: dotted parameter name -> the source checkpoint's type of the tensor (what
+    `registry.load_model(..., source_dtypes=)` fills in); names left out are stored in their
+    in-memory dtype (see `storage_dtype`).
   """
   os.makedirs(directory, exist_ok=True)
   dtype = jax.tree.leaves(params)[0].dtype
   skip = {f"{name}.weight" for name in qweights}
+  source_dtypes = source_dtypes or {}
   tensors = {}
   for name, leaf in flatten(params).items():
     if name in skip:
       continue
     a = np.asarray(leaf)
-    tensors[name] = a if a.dtype in (np.float32, np.float16) else a.astype(np.float32)
+    tensors[name] = a.astype(storage_dtype(a, source_dtypes.get(name)), copy=False)
   with io_utils.atomic_path(os.path.join(directory, PARAMS_FILE)) as tmp:
     save_file(tensors, tmp)
   with io_utils.atomic_path(os.path.join(directory, QUANTIZED_FILE)) as tmp:

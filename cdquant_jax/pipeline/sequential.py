@@ -40,13 +40,31 @@ Path = tuple[str, ...]
 
 
 class Timer:
-  """Wall seconds per pipeline phase (this process only; a resumed run counts its own)."""
+  """Wall seconds per pipeline phase, as laps that tile this process's quantization time.
+
+  `lap(key)` charges the seconds since the previous lap (or since the timer was made) to
+  `key`, so the phases add up to `quantize_seconds()` whatever runs between two laps. Laps of
+  keys in `OUTSIDE` (the baseline evaluation) are reported but are not quantization time.
+  """
+
+  OUTSIDE = ("baseline_eval_seconds",)
 
   def __init__(self):
     self.totals: dict[str, float] = {}
+    self._last = time.perf_counter()
 
-  def add(self, key: str, start: float) -> None:
-    self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - start
+  def lap(self, key: str) -> None:
+    now = time.perf_counter()
+    self.totals[key] = self.totals.get(key, 0.0) + now - self._last
+    self._last = now
+
+  def quantize_seconds(self) -> float:
+    """Sum of the laps so far but the OUTSIDE ones (seconds)."""
+    return sum(v for k, v in self.totals.items() if k not in self.OUTSIDE)
+
+  def elapsed(self) -> float:
+    """quantize_seconds() plus the current, unfinished lap."""
+    return self.quantize_seconds() + time.perf_counter() - self._last
 
 
 class QuantizedRun:
@@ -58,15 +76,16 @@ class QuantizedRun:
 
 def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
   """Loads the model and calibration data of `run`, quantizes, exports; returns the metrics."""
+  source_dtypes: dict[str, str] = {}
   model, params, tokenizer = registry.load_model(resolve_model_path(run.model.path),
-                                                 run.model.dtype)
+                                                 run.model.dtype, source_dtypes=source_dtypes)
   c = run.calibration
   if tokenizer is None:
     raise ValueError(f"model {run.model.path}: no tokenizer, cannot build calibration data")
   ids = data.calibration_windows(c.source, tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
                                  seed=c.seed, path=c.path, field=c.field)
   return quantize_loaded(run, model, params, ids, tokenizer=tokenizer, resume=resume,
-                         progress=progress).metrics
+                         progress=progress, source_dtypes=source_dtypes).metrics
 
 
 def set_path(tree: Params, path: Path, value: Any) -> Params:
@@ -78,28 +97,34 @@ def set_path(tree: Params, path: Path, value: Any) -> Params:
 
 def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.ndarray, *,
                     tokenizer=None, resume: bool = False, progress: bool = True,
-                    after_block: Callable[[int], None] | None = None) -> QuantizedRun:
+                    after_block: Callable[[int], None] | None = None,
+                    source_dtypes: dict[str, str] | None = None) -> QuantizedRun:
   """Quantizes a loaded model on calibration_ids [N, T] and writes run.output_dir.
 
   after_block(i) is called after block i is checkpointed (tests interrupt runs with it).
+  source_dtypes: the checkpoint's type of each parameter (`registry.load_model` fills it), so
+  that the exported unquantized tensors are no wider than they came (`export.storage_dtype`).
   Raises checkpoint.ResumeError when resuming a run of another model/data/config.
   """
   run.validate()
   out_dir = run.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  start_time = time.perf_counter()
+  timer = Timer()
   params = jax.device_get(params)  # host copy; blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
   checkpointing = run.checkpoint != "none"
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) if checkpointing or resume \
       else None
   state = checkpoint.load_state(out_dir) if resume else None
+  timer.lap("setup_seconds")
   baseline = _baseline(run, model, params, tokenizer, progress)
-  start_block, records, qweights, saved_acts, seconds_before = 0, [], {}, None, 0.0
+  if baseline is not None:
+    timer.lap("baseline_eval_seconds")
+  start_block, records, qweights, saved_acts = 0, [], {}, None
   if state is not None:
     checkpoint.check_fingerprint(state["fingerprint"], fp, where=checkpoint.checkpoint_dir(out_dir))
     start_block, records = state["blocks_done"], state["records"]
-    seconds_before = state["seconds"]
+    timer.totals["previous_sessions_seconds"] = state["seconds"]
     qweights = checkpoint.load_blocks(out_dir, start_block)
     params = _with_quantized(model, params, qweights)
     saved_acts = checkpoint.load_activations(out_dir, state)
@@ -108,11 +133,10 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
     if resume:
       log.warning("resume: no checkpoint in %s; starting from block 0", out_dir)
     checkpoint.clear(out_dir)
+  timer.lap("setup_seconds")
 
-  timer = Timer()
-  start = time.perf_counter()
   acts = _initial_activations(run, model, params, calibration_ids, start_block, saved_acts)
-  timer.add("embed_or_replay_seconds", start)
+  timer.lap("embed_or_replay_seconds")
   bar = runlog.Progress(model.num_layers, start_block, progress)
   sharing: dict[int, list[list[Path]]] = {}
   for i in range(start_block, model.num_layers):
@@ -121,29 +145,28 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
     if kind not in sharing:
       sharing[kind] = capture.shared_input_classes(model, layer_params, next(iter(acts)).shape,
                                                    next(iter(acts)).dtype, kind)
+    timer.lap("transfer_seconds")
     layer_params, block_qw, block_records = quantize_block(
         run, model, layer_params, acts, i, sharing[kind], len(calibration_ids), bar, timer)
-    start = time.perf_counter()
     acts = capture.block_outputs(model, layer_params, acts, i)
-    timer.add("propagate_seconds", start)
+    timer.lap("propagate_seconds")
     params = model.set_layer_params(params, i, jax.device_get(layer_params))
     qweights.update(block_qw)
     records = records + block_records
-    start = time.perf_counter()
+    timer.lap("transfer_seconds")
     if checkpointing:
-      state = dict(fingerprint=fp, blocks_done=i + 1, records=records,
-                   seconds=seconds_before + time.perf_counter() - start_time)
+      state = dict(fingerprint=fp, blocks_done=i + 1, records=records, seconds=timer.elapsed())
       checkpoint.save_block(out_dir, i, block_qw, state,
                             acts.stacked() if run.checkpoint == "activations" else None)
     runlog.write_log(out_dir, records)
-    timer.add("checkpoint_seconds", start)
     bar.advance()
+    timer.lap("checkpoint_seconds")
     if after_block is not None:
       after_block(i)
   bar.close()
-  quant_seconds = seconds_before + time.perf_counter() - start_time
-  metrics = _finish(run, model, params, qweights, records, tokenizer, quant_seconds, progress,
-                    baseline, timer)
+  timer.lap("checkpoint_seconds")
+  metrics = _finish(run, model, params, qweights, records, tokenizer, progress, baseline, timer,
+                    source_dtypes)
   checkpoint.clear(out_dir)
   return QuantizedRun(metrics, params, qweights, records)
 
@@ -203,15 +226,13 @@ def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Ac
     rep_of = {p: next(q for q in cls if q in names) for cls in classes for p in cls if p in names}
     reps = {rep_of[p]: names[rep_of[p]] for p in names}
     bar.status(f"block {layer_index}: H of {', '.join(p[-1] for p in reps)}")
-    start = time.perf_counter()
     hessians = capture.group_hessians(model, layer_params, acts, layer_index, reps)
-    timer.add("capture_hessian_seconds", start)
+    timer.lap("capture_hessian_seconds")
     for path, name in names.items():
       bar.status(f"block {layer_index}: {path[-1]}")
-      start = time.perf_counter()
       layer_params, qw, record = quantize_linear(run, layer_params, path, name,
                                                  hessians[rep_of[path]])
-      timer.add("solve_pack_seconds", start)
+      timer.lap("solve_pack_seconds")
       qweights[name] = qw
       records.append({**record, "layer": layer_index, "nsamples": nsamples})
   return layer_params, qweights, records
@@ -257,13 +278,20 @@ def summarize(records: list[dict]) -> dict:
               outlier_share=weighted("outlier_share"))
 
 
-def _finish(run, model, params, qweights, records, tokenizer, quant_seconds, progress,
-            baseline, timer) -> dict:
-  """Evaluates (if configured), writes the model directory and metrics.json."""
+def _finish(run, model, params, qweights, records, tokenizer, progress, baseline,
+            timer: Timer, source_dtypes: dict[str, str] | None) -> dict:
+  """Evaluates (if configured), writes the model directory and metrics.json.
+
+  metrics["timing"] (seconds): quantize_seconds and the phases that add up to it: setup
+  (host copy, fingerprint, checkpoint loading), embed_or_replay, transfer (block params to and
+  from the device, input-sharing analysis), capture_hessian, solve_pack, propagate, checkpoint
+  (and log), previous_sessions (a resumed run's earlier processes); then the times outside it:
+  baseline_eval_seconds (when configured), eval_seconds, export_seconds.
+  """
   metrics = dict(summary=summarize(records), quantized_modules=sorted(qweights))
   if baseline is not None:
     metrics["baseline_perplexity"] = baseline
-  timing = dict(quantize_seconds=round(quant_seconds, 3),
+  timing = dict(quantize_seconds=round(timer.quantize_seconds(), 3),
                 **{k: round(v, 3) for k, v in timer.totals.items()})
   default_seqlen = run.calibration.seqlen
   if run.eval.sources:
@@ -274,7 +302,8 @@ def _finish(run, model, params, qweights, records, tokenizer, quant_seconds, pro
     timing["eval_seconds"] = round(time.perf_counter() - start, 3)
   start = time.perf_counter()
   export.write_model_dir(run.output_dir, model, params, qweights, tokenizer=tokenizer,
-                         run_config=run, extra=dict(run_config=config_lib.to_dict(run)))
+                         run_config=run, extra=dict(run_config=config_lib.to_dict(run)),
+                         source_dtypes=source_dtypes)
   timing["export_seconds"] = round(time.perf_counter() - start, 3)
   metrics["timing"] = timing
   metrics["memory"] = memory.memory_report()

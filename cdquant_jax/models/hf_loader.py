@@ -17,6 +17,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax.models import params as params_lib
 from cdquant_jax.models.errors import ModelLoadError
 
 CONFIG_FILE = "config.json"
@@ -107,30 +108,11 @@ def _read_weight_map(index_path: str) -> dict[str, str]:
   return weight_map
 
 
-def _set_path(tree: dict, path: tuple, value: Any) -> None:
-  """Nested assignment; an int key after "layers" indexes a list of per-layer dicts."""
-  node = tree
-  for i, key in enumerate(path[:-1]):
-    nxt = path[i + 1]
-    if isinstance(key, int):
-      while len(node) <= key:
-        node.append({})
-      node = node[key]
-    else:
-      node = node.setdefault(key, [] if isinstance(nxt, int) else {})
-  node[path[-1]] = value
-
-
-def _flat_shapes(shapes: Any) -> dict[tuple, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  return {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf.shape
-          for path, leaf in leaves}
-
-
 def params_from_state_dict(model, state: dict[str, np.ndarray], dtype=jnp.float32,
                            source: str = "checkpoint") -> dict[str, Any]:
   """Nested params for `model` from HF-named tensors, cast to dtype, checked strictly."""
-  expected = _flat_shapes(model.param_shapes(dtype))
+  shapes = params_lib.flat_paths(model.param_shapes(dtype))
+  expected = {path: leaf.shape for path, leaf in shapes.items()}
   params: dict[str, Any] = {}
   seen, unexpected = set(), []
   for name, array in state.items():
@@ -143,7 +125,7 @@ def params_from_state_dict(model, state: dict[str, np.ndarray], dtype=jnp.float3
     if tuple(array.shape) != tuple(expected[path]):
       raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
                            f"{tuple(expected[path])} for {model.config.model_type}")
-    _set_path(params, path, jnp.asarray(np.asarray(array), dtype=dtype))
+    params_lib.insert_path(params, path, jnp.asarray(np.asarray(array), dtype=dtype))
     seen.add(path)
   missing = sorted(".".join(map(str, p)) for p in set(expected) - seen)
   if unexpected or missing:

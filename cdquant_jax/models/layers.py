@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdquant_jax._numerics import HIGHEST
+from cdquant_jax.models.params import get_path
 from cdquant_jax.quant.qweight import QuantizedWeight
 
 Params = dict[str, Any]
@@ -60,12 +61,6 @@ def linear(x: jax.Array, p: Params, options: LinearOptions = LinearOptions()) ->
   if "bias" in p:
     y = y + p["bias"].astype(jnp.float32)
   return y.astype(x.dtype)
-
-
-def get_path(tree: Params, path: Path) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 class LinearRecorder:

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from cdquant_jax import config as config_lib
 from cdquant_jax import io_utils
+from cdquant_jax.models import params as params_lib
 from cdquant_jax.models import registry
 from cdquant_jax.models.config import ModelConfig
 from cdquant_jax.quant import qweight, serialize
@@ -53,9 +54,8 @@ def _is_qweight(x) -> bool:
 
 def flatten(params: Params) -> dict[str, Any]:
   """Nested params (dicts and the layers list) -> {"a.0.b.weight": leaf}."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qweight)[0]
-  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in leaves}
+  return {params_lib.dotted(path): leaf
+          for path, leaf in params_lib.flat_paths(params, is_leaf=_is_qweight).items()}
 
 
 def unflatten_like(model, dtype, flat: dict[str, Any], where: str) -> Params:
@@ -166,8 +166,9 @@ def load_quantized_model(directory: str):
   return model, params, tok
 
 
-def dense_weight(qw: QuantizedWeight, dtype) -> jax.Array:
-  """The dequantized [d_out, d_in] weight in the model dtype (as written back while quantizing)."""
+def dequantized_weight(qw: QuantizedWeight, dtype) -> jax.Array:
+  """The dequantized [d_out, d_in] weight, outliers included, in the model dtype (as written back
+  while quantizing)."""
   return qweight.dequantize(qw).astype(dtype)
 
 
@@ -176,7 +177,7 @@ def dense_params(params: Params, dtype=None) -> Params:
   if dtype is None:
     dtype = next(x.dtype for x in jax.tree.leaves(params, is_leaf=_is_qweight)
                  if not _is_qweight(x))
-  return jax.tree.map(lambda x: dense_weight(x, dtype) if _is_qweight(x) else x, params,
+  return jax.tree.map(lambda x: dequantized_weight(x, dtype) if _is_qweight(x) else x, params,
                       is_leaf=_is_qweight)
 
 

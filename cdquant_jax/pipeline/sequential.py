@@ -25,7 +25,7 @@ from cdquant_jax import config as config_lib
 from cdquant_jax import data, io_utils
 from cdquant_jax._numerics import layer_objective, reference_energy
 from cdquant_jax.models import registry
-from cdquant_jax.models.layers import get_path
+from cdquant_jax.models.params import get_path, set_path
 from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.pipeline.config import RunConfig
@@ -86,13 +86,6 @@ def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = Tru
                                  seed=c.seed, path=c.path, field=c.field)
   return quantize_loaded(run, model, params, ids, tokenizer=tokenizer, resume=resume,
                          progress=progress, source_dtypes=source_dtypes).metrics
-
-
-def set_path(tree: Params, path: Path, value: Any) -> Params:
-  """A copy of nested dict `tree` with `path` set (the input is not modified)."""
-  if len(path) == 1:
-    return {**tree, path[0]: value}
-  return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
 
 
 def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.ndarray, *,
@@ -201,7 +194,7 @@ def _with_quantized(model, params: Params, qweights: dict) -> Params:
       if name in qweights:
         w = get_path(layer, path)["weight"]
         layer = set_path(layer, path + ("weight",),
-                         np.asarray(export.dense_weight(qweights[name], w.dtype)))
+                         np.asarray(export.dequantized_weight(qweights[name], w.dtype)))
     params = model.set_layer_params(params, i, layer)
   return params
 
@@ -248,7 +241,7 @@ def quantize_linear(run: RunConfig, layer_params: Params, path: Path, name: str,
   result = api.solve(method, W, H, cfg, layer=name)
   lossy = method.startswith("spqr") and run.quant.spqr_lossy_outliers
   qw = qweight.pack_result(result, allow_lossy_outliers=lossy)
-  Q = export.dense_weight(qw, weight.dtype)
+  Q = export.dequantized_weight(qw, weight.dtype)
   layer_params = set_path(layer_params, path + ("weight",), Q)
   objective = float(result.objective)
   energy = float(reference_energy(W, H))

@@ -221,7 +221,7 @@ def dense_storage(qw: QuantizedWeight) -> jax.Array:
   return rows(first_level_stat(qw, "scale")) * (codes - rows(first_level_stat(qw, "zero")))
 
 
-def dense_weight(qw: QuantizedWeight) -> jax.Array:
+def weight_without_outliers(qw: QuantizedWeight) -> jax.Array:
   """Dense part without outliers, f32 [d_out, d_in] in ORIGINAL input order."""
   meta = qw.meta
   dense_t = dense_storage(qw)[:meta.d_in].T  # [N, d_in], columns in storage order
@@ -239,17 +239,11 @@ def outlier_rows(qw: QuantizedWeight) -> jax.Array:
 
 def dequantize(qw: QuantizedWeight) -> jax.Array:
   """The weight W [d_out, d_in] f32 (original order): dense(codes, stats) + outliers."""
-  W = dense_weight(qw)
+  W = weight_without_outliers(qw)
   if qw.meta.nnz == 0:
     return W
   values = qw.outlier_values.astype(jnp.float32)
   return W.at[outlier_rows(qw), qw.outlier_col_idx].add(values)
-
-
-def matmul_reference(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
-  """x [..., d_in] @ dequantize(qw)ᵀ -> [..., d_out] in f32 at HIGHEST precision."""
-  return jnp.matmul(x.astype(jnp.float32), dequantize(qw).T,
-                    precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +338,7 @@ def _outliers(Q: np.ndarray, dense: np.ndarray, mask: np.ndarray, method: str,
 def _dense_parts(qw: QuantizedWeight) -> tuple[dict[str, jax.Array], jax.Array]:
   """({"scale", "zero"}: first-level stats [n_groups_pad, N], dense weight [d_out, d_in])."""
   stats = {which: first_level_stat(qw, which) for which in ("scale", "zero")}
-  return stats, dense_weight(qw)
+  return stats, weight_without_outliers(qw)
 
 
 def _stat_fields(grid, stats, d_out: int, n_groups_pad: int):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdquant_jax.models import layers, registry
+from cdquant_jax.models import registry
+from cdquant_jax.models import params as params_lib
 from cdquant_jax.models.base import default_positions
 
 CONFIGS = {
@@ -47,7 +48,7 @@ def test_capture_inputs_cover_block_linears(name):
   assert weights == set(linear_paths)
   for path, x in inputs.items():
     assert x.shape[:2] == (2, 7)
-    assert x.shape[2] == layers.get_path(lp, path)["weight"].shape[1]
+    assert x.shape[2] == params_lib.get_path(lp, path)["weight"].shape[1]
   if name == "llama":  # the attention input is input_layernorm(h), checked in numpy
     h64 = np.asarray(h, np.float64)
     normed = h64 / np.sqrt(np.mean(h64**2, -1, keepdims=True) + model.config.norm_eps)

@@ -16,7 +16,7 @@ import pytest
 
 from cdquant_jax.models import registry
 from cdquant_jax.models.base import default_positions
-from cdquant_jax.models.layers import get_path
+from cdquant_jax.models.params import get_path
 from cdquant_jax.pipeline import checkpoint, export, runlog
 from cdquant_jax.pipeline.config import run_config_from_dict
 from cdquant_jax.pipeline.evaluation import model_perplexity

@@ -10,7 +10,8 @@ from cdquant_jax import config as config_lib
 from cdquant_jax.quant import packing
 from cdquant_jax.quant.grids import GridConfig
 from cdquant_jax.quant.qweight import dequantize as dequantize_eager
-from cdquant_jax.quant.qweight import matmul_reference, pack_result
+from cdquant_jax.kernels.packed_matmul.reference import packed_matmul_reference
+from cdquant_jax.quant.qweight import pack_result
 from cdquant_jax.solvers import api
 from cdquant_jax.solvers.gptq import GPTQConfig, gptq
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
@@ -190,11 +191,11 @@ def test_real_spqr_with_outliers(problem):
   assert qw.meta.has_perm and qw.meta.scale_format == qw.meta.zero_format == "qq"
 
 
-def test_matmul_reference_against_numpy():
+def test_packed_matmul_reference_against_numpy():
   result = spqr_like_result(np.random.default_rng(7))
   qw = pack_result(result)
   x = np.random.default_rng(8).normal(size=(5, 48)).astype(np.float32)
   want = x.astype(np.float64) @ np.asarray(result.Q, np.float64).T
-  np.testing.assert_allclose(np.asarray(jax.jit(matmul_reference)(jnp.asarray(x), qw)), want,
+  np.testing.assert_allclose(np.asarray(packed_matmul_reference(jnp.asarray(x), qw)), want,
                              rtol=1e-5, atol=1e-5)
   assert len(jax.tree_util.tree_leaves(qw)) == len(qw.arrays())

@@ -41,12 +41,13 @@ def _has_gpu() -> bool:
 
 
 def dequantized_dot(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
-  """Large-batch path: x @ dequantize(qw)ᵀ in x's dtype (f32: HIGHEST), f32 accumulation."""
-  w = dequantize(qw)  # [d_out, d_in] f32
+  """Large-batch path (an implementation, not a reference): the reference for f32 inputs, else
+  the dequantized weight cast to x's dtype, multiplied with f32 accumulation."""
   if x.dtype == jnp.float32:
-    return jnp.matmul(x, w.T, precision=jax.lax.Precision.HIGHEST)
+    return packed_matmul_reference(x, qw)
   # [B, d_in] x [d_out, d_in] -> [B, d_out]
-  return jnp.einsum("bi,oi->bo", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("bi,oi->bo", x, dequantize(qw).astype(x.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

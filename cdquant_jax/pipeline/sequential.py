@@ -12,6 +12,7 @@ Only one block's params (and the activations [N, T, D]) are on the device at a t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -25,9 +26,10 @@ from cdquant_jax import config as config_lib
 from cdquant_jax import data, io_utils
 from cdquant_jax._numerics import layer_objective, reference_energy
 from cdquant_jax.models import registry
+from cdquant_jax.models.aliases import resolve_model_path
+from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.params import get_path, set_path
 from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog
-from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.pipeline.config import RunConfig
 from cdquant_jax.pipeline.rules import is_included, module_name, solver_for
 from cdquant_jax.quant import bits as bits_lib
@@ -67,11 +69,51 @@ class Timer:
     return self.quantize_seconds() + time.perf_counter() - self._last
 
 
+class RunObserver:
+  """Progress and timing of a run: the block loop reports phases and status to it.
+
+  `phase(key)` ends the current lap of the Timer under `key`; `status(text)` and `block_done()`
+  drive the progress bar (`runlog.Progress`, a no-op without `progress`).
+  """
+
+  def __init__(self, progress: bool):
+    self.timer = Timer()
+    self.progress = progress
+    self.bar: runlog.Progress | None = None
+
+  def phase(self, key: str) -> None:
+    self.timer.lap(key)
+
+  def start_blocks(self, n_blocks: int, first: int) -> None:
+    self.bar = runlog.Progress(n_blocks, first, self.progress)
+
+  def status(self, text: str) -> None:
+    self.bar.status(text)
+
+  def block_done(self) -> None:
+    self.bar.advance()
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 class QuantizedRun:
   """What `quantize_loaded` returns: metrics, dense quantized params, packed weights, log."""
 
   def __init__(self, metrics: dict, params: Params, qweights: dict, records: list[dict]):
     self.metrics, self.params, self.qweights, self.records = metrics, params, qweights, records
+
+
+@dataclasses.dataclass
+class RunState:
+  """Where the block loop stands: next block, host params (quantized blocks dequantized),
+  packed weights and log records so far, and saved activations of a resumed run (or None)."""
+
+  block: int
+  params: Params
+  qweights: dict
+  records: list[dict]
+  saved_acts: np.ndarray | None = None
 
 
 def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -81,7 +123,7 @@ def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = Tru
                                                  run.model.dtype, source_dtypes=source_dtypes)
   c = run.calibration
   if tokenizer is None:
-    raise ValueError(f"model {run.model.path}: no tokenizer, cannot build calibration data")
+    raise ModelLoadError(f"model {run.model.path}: no tokenizer, cannot build calibration data")
   ids = data.calibration_windows(c.source, tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
                                  seed=c.seed, path=c.path, field=c.field)
   return quantize_loaded(run, model, params, ids, tokenizer=tokenizer, resume=resume,
@@ -94,74 +136,96 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
                     source_dtypes: dict[str, str] | None = None) -> QuantizedRun:
   """Quantizes a loaded model on calibration_ids [N, T] and writes run.output_dir.
 
+  Steps: resume (or start), embed (or replay), then per block: capture + solve (`quantize_block`),
+  propagate, checkpoint; finally evaluate and export (`_finish`).
   after_block(i) is called after block i is checkpointed (tests interrupt runs with it).
   source_dtypes: the checkpoint's type of each parameter (`registry.load_model` fills it), so
   that the exported unquantized tensors are no wider than they came (`export.storage_dtype`).
   Raises checkpoint.ResumeError when resuming a run of another model/data/config.
   """
   run.validate()
-  out_dir = run.output_dir
-  os.makedirs(out_dir, exist_ok=True)
-  timer = Timer()
+  os.makedirs(run.output_dir, exist_ok=True)
+  obs = RunObserver(progress)
   params = jax.device_get(params)  # host copy; blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
-  checkpointing = run.checkpoint != "none"
-  fp = checkpoint.fingerprint(run, model, params, calibration_ids) if checkpointing or resume \
-      else None
-  state = checkpoint.load_state(out_dir) if resume else None
-  timer.lap("setup_seconds")
+  fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
+      if run.checkpoint != "none" or resume else None
+  obs.phase("setup_seconds")
   baseline = _baseline(run, model, params, tokenizer, progress)
   if baseline is not None:
-    timer.lap("baseline_eval_seconds")
-  start_block, records, qweights, saved_acts = 0, [], {}, None
-  if state is not None:
-    checkpoint.check_fingerprint(state["fingerprint"], fp, where=checkpoint.checkpoint_dir(out_dir))
-    start_block, records = state["blocks_done"], state["records"]
-    timer.totals["previous_sessions_seconds"] = state["seconds"]
-    qweights = checkpoint.load_blocks(out_dir, start_block)
-    params = _with_quantized(model, params, qweights)
-    saved_acts = checkpoint.load_activations(out_dir, state)
-    log.info("resuming %s after block %d", out_dir, start_block - 1)
-  else:
+    obs.phase("baseline_eval_seconds")
+  state = _resume_or_start(run, model, params, fp, resume, obs.timer)
+  obs.phase("setup_seconds")
+  acts = _initial_activations(run, model, state, calibration_ids)
+  obs.phase("embed_or_replay_seconds")
+  obs.start_blocks(model.num_layers, state.block)
+  sharing: dict[int, list[list[Path]]] = {}
+  for i in range(state.block, model.num_layers):
+    acts = _quantize_and_propagate(run, model, state, acts, i, sharing, len(calibration_ids), obs)
+    _checkpoint(run, fp, state, acts, i, obs)
+    if after_block is not None:
+      after_block(i)
+  obs.close()
+  obs.phase("checkpoint_seconds")
+  metrics = _finish(run, model, state.params, state.qweights, state.records, tokenizer, progress,
+                    baseline, obs.timer, source_dtypes)
+  checkpoint.clear(run.output_dir)
+  return QuantizedRun(metrics, state.params, state.qweights, state.records)
+
+
+def _resume_or_start(run, model, params, fp, resume: bool, timer: Timer) -> RunState:
+  """The checkpointed state of run.output_dir when resuming (checked against `fp`), else a
+  fresh state (and any stale checkpoint removed)."""
+  out_dir = run.output_dir
+  saved = checkpoint.load_state(out_dir) if resume else None
+  if saved is None:
     if resume:
       log.warning("resume: no checkpoint in %s; starting from block 0", out_dir)
     checkpoint.clear(out_dir)
-  timer.lap("setup_seconds")
+    return RunState(block=0, params=params, qweights={}, records=[])
+  checkpoint.check_fingerprint(saved["fingerprint"], fp, where=checkpoint.checkpoint_dir(out_dir))
+  timer.totals["previous_sessions_seconds"] = saved["seconds"]
+  qweights = checkpoint.load_blocks(out_dir, saved["blocks_done"])
+  log.info("resuming %s after block %d", out_dir, saved["blocks_done"] - 1)
+  return RunState(block=saved["blocks_done"], params=_with_quantized(model, params, qweights),
+                  qweights=qweights, records=saved["records"],
+                  saved_acts=checkpoint.load_activations(out_dir, saved))
 
-  acts = _initial_activations(run, model, params, calibration_ids, start_block, saved_acts)
-  timer.lap("embed_or_replay_seconds")
-  bar = runlog.Progress(model.num_layers, start_block, progress)
-  sharing: dict[int, list[list[Path]]] = {}
-  for i in range(start_block, model.num_layers):
-    layer_params = jax.device_put(model.layer_params(params, i))
-    kind = capture.kind_index(model, i)
-    if kind not in sharing:
-      sharing[kind] = capture.shared_input_classes(model, layer_params, next(iter(acts)).shape,
-                                                   next(iter(acts)).dtype, kind)
-    timer.lap("transfer_seconds")
-    layer_params, block_qw, block_records = quantize_block(
-        run, model, layer_params, acts, i, sharing[kind], len(calibration_ids), bar, timer)
-    acts = capture.block_outputs(model, layer_params, acts, i)
-    timer.lap("propagate_seconds")
-    params = model.set_layer_params(params, i, jax.device_get(layer_params))
-    qweights.update(block_qw)
-    records = records + block_records
-    timer.lap("transfer_seconds")
-    if checkpointing:
-      state = dict(fingerprint=fp, blocks_done=i + 1, records=records, seconds=timer.elapsed())
-      checkpoint.save_block(out_dir, i, block_qw, state,
-                            acts.stacked() if run.checkpoint == "activations" else None)
-    runlog.write_log(out_dir, records)
-    bar.advance()
-    timer.lap("checkpoint_seconds")
-    if after_block is not None:
-      after_block(i)
-  bar.close()
-  timer.lap("checkpoint_seconds")
-  metrics = _finish(run, model, params, qweights, records, tokenizer, progress, baseline, timer,
-                    source_dtypes)
-  checkpoint.clear(out_dir)
-  return QuantizedRun(metrics, params, qweights, records)
+
+def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activations, i: int,
+                            sharing: dict, nsamples: int, obs: RunObserver) -> capture.Activations:
+  """Quantizes block i (updating `state`) and returns the inputs of block i + 1."""
+  layer_params = jax.device_put(model.layer_params(state.params, i))
+  kind = capture.kind_index(model, i)
+  if kind not in sharing:  # which linears share an input, once per kind of block
+    first = next(iter(acts))
+    sharing[kind] = capture.shared_input_classes(model, layer_params, first.shape, first.dtype,
+                                                 kind)
+  obs.phase("transfer_seconds")
+  layer_params, block_qw, block_records = quantize_block(run, model, layer_params, acts, i,
+                                                         sharing[kind], nsamples, obs)
+  acts = capture.block_outputs(model, layer_params, acts, i)
+  obs.phase("propagate_seconds")
+  state.params = model.set_layer_params(state.params, i, jax.device_get(layer_params))
+  state.qweights.update(block_qw)
+  state.records = state.records + block_records
+  state.block = i + 1
+  obs.phase("transfer_seconds")
+  return acts
+
+
+def _checkpoint(run, fp, state: RunState, acts: capture.Activations, i: int,
+                obs: RunObserver) -> None:
+  """Saves block i's packed weights (and the activations if configured) and the log."""
+  if run.checkpoint != "none":
+    saved = dict(fingerprint=fp, blocks_done=i + 1, records=state.records,
+                 seconds=obs.timer.elapsed())
+    block_qw = {k: v for k, v in state.qweights.items() if k.startswith(module_name(i, ()) + ".")}
+    checkpoint.save_block(run.output_dir, i, block_qw, saved,
+                          acts.stacked() if run.checkpoint == "activations" else None)
+  runlog.write_log(run.output_dir, state.records)
+  obs.block_done()
+  obs.phase("checkpoint_seconds")
 
 
 def _baseline(run, model, params, tokenizer, progress) -> dict | None:
@@ -172,16 +236,17 @@ def _baseline(run, model, params, tokenizer, progress) -> dict | None:
                                      default_seqlen=run.calibration.seqlen, progress=progress)
 
 
-def _initial_activations(run, model, params, ids, start_block, saved) -> capture.Activations:
-  """Inputs of block `start_block`: embeddings, saved activations, or a replay of the
-  quantized blocks 0..start_block-1 with the same jitted forwards."""
+def _initial_activations(run, model, state: RunState, ids) -> capture.Activations:
+  """Inputs of block `state.block`: saved activations, or the embeddings run through the
+  quantized blocks 0..state.block-1 again (the same jitted forwards)."""
   on_host = run.activations == "host"
-  if saved is not None:
-    return capture.Activations.from_array(saved, run.forward_batch_size, on_host)
-  embed_params = jax.device_put({k: v for k, v in params.items() if k != "layers"})
+  if state.saved_acts is not None:
+    return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host)
+  embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
   acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host)
-  for i in range(start_block):
-    acts = capture.block_outputs(model, jax.device_put(model.layer_params(params, i)), acts, i)
+  for i in range(state.block):
+    layer = jax.device_put(model.layer_params(state.params, i))
+    acts = capture.block_outputs(model, layer, acts, i)
   return acts
 
 
@@ -201,7 +266,7 @@ def _with_quantized(model, params: Params, qweights: dict) -> Params:
 
 def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations,
                    layer_index: int, classes: list[list[Path]], nsamples: int,
-                   bar: runlog.Progress, timer: "Timer") -> tuple[Params, dict, list[dict]]:
+                   obs: RunObserver) -> tuple[Params, dict, list[dict]]:
   """Quantizes every included linear of one block, group by group (see the module docstring).
 
   Returns (block params with dequantized weights, {module: QuantizedWeight}, log records).
@@ -218,14 +283,14 @@ def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Ac
     # Each linear's Hessian comes from the first included linear with the same input.
     rep_of = {p: next(q for q in cls if q in names) for cls in classes for p in cls if p in names}
     reps = {rep_of[p]: names[rep_of[p]] for p in names}
-    bar.status(f"block {layer_index}: H of {', '.join(p[-1] for p in reps)}")
+    obs.status(f"block {layer_index}: H of {', '.join(p[-1] for p in reps)}")
     hessians = capture.group_hessians(model, layer_params, acts, layer_index, reps)
-    timer.lap("capture_hessian_seconds")
+    obs.phase("capture_hessian_seconds")
     for path, name in names.items():
-      bar.status(f"block {layer_index}: {path[-1]}")
+      obs.status(f"block {layer_index}: {path[-1]}")
       layer_params, qw, record = quantize_linear(run, layer_params, path, name,
                                                  hessians[rep_of[path]])
-      timer.lap("solve_pack_seconds")
+      obs.phase("solve_pack_seconds")
       qweights[name] = qw
       records.append({**record, "layer": layer_index, "nsamples": nsamples})
   return layer_params, qweights, records

@@ -14,29 +14,18 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from cdquant_jax import io_utils
+from cdquant_jax.solvers.diagnostics import Diagnostics
 
 LOG_FILE = "log.jsonl"
-# Solver diagnostics that name the damping, in order of preference.
-_PERCDAMP_KEYS = ("percdamp_used", "percdamp", "init_percdamp")
-_DAMP_KEYS = ("damp", "init_damp")
-_ESCALATION_KEYS = ("escalations", "init_escalations")
 
 
-def _first(diagnostics: dict, keys) -> float | None:
-  for key in keys:
-    if key in diagnostics:
-      return float(np.asarray(diagnostics[key]))
-  return None
-
-
-def damping(diagnostics: dict) -> dict[str, float | None]:
-  """The damping fields of a SolveResult's diagnostics (None when the solver has none)."""
-  escalations = _first(diagnostics, _ESCALATION_KEYS)
-  return dict(percdamp=_first(diagnostics, _PERCDAMP_KEYS), damp=_first(diagnostics, _DAMP_KEYS),
-              escalations=None if escalations is None else int(escalations))
+def damping(diagnostics: Diagnostics) -> dict[str, float | None]:
+  """The damping fields of a SolveResult's diagnostics (None when the solver used none)."""
+  d = diagnostics.damping
+  if d is None:
+    return dict(percdamp=None, damp=None, escalations=None)
+  return dict(percdamp=float(d.percdamp), damp=float(d.damp), escalations=int(d.escalations))
 
 
 def write_log(directory: str, records: list[dict]) -> None:

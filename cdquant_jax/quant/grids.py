@@ -97,14 +97,11 @@ class GridConfig:
     return 2**self.bits - 1
 
   def validate(self, d_in: int) -> None:
-    """Raises ValueError naming the bad field when this grid cannot quantize `d_in` columns."""
-    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-      raise ValueError(f"bits must be an integer in [2, 8], got {self.bits!r}")
-    if self.group_size != -1 and (self.group_size <= 0 or d_in % self.group_size):
-      raise ValueError(
-          f"group_size must be -1 or a positive divisor of d_in={d_in}, got {self.group_size}")
-    if self.scale_search not in ("minmax", "mse", "owc"):
-      raise ValueError(f"unknown scale_search {self.scale_search!r}")
+    """Raises ConfigError naming the bad field when this grid cannot quantize `d_in` columns."""
+    config_lib.reject_unless(2 <= self.bits, f"bits must be an integer in [2, 8], got {self.bits!r}")
+    config_lib.reject_unless(
+        self.group_size == -1 or d_in % self.group_size == 0,
+        f"group_size must be -1 or a positive divisor of d_in={d_in}, got {self.group_size}")
 
   def groups(self, d_in: int) -> tuple[int, int]:
     """(number of groups, group size) for a layer with `d_in` input columns."""

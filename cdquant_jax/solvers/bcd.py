@@ -20,6 +20,9 @@ the `candidates` anchors with the best Δ; greedy steps then apply, per row, the
 all options of its candidate anchors (Δ recomputed exactly from the current g at every step),
 until no row improves or `rescan_every` steps passed; then rescan. A row is done when a scan
 finds no improving block (block-1-opt); the loop ends when every row is done or at the budget.
+
+This file holds the block scan and step; row compaction (as in CD), resync and the noise rule are
+shared with CD and cyclic CD (`_descent`).
 """
 
 from __future__ import annotations
@@ -28,19 +31,19 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cdquant_jax import config as config_lib
-from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid, GridConfig
+from cdquant_jax.solvers import _descent as descent
 from cdquant_jax.solvers import hessian, init as init_lib
-from cdquant_jax.solvers.cd import (NOISE_ULPS, CDConfig, CDOptions, cd, code_values, grid_arrays,
-                                    phase_sizes, take_rows)
+from cdquant_jax.solvers.cd import CDConfig, CDOptions, cd
+from cdquant_jax.solvers.diagnostics import Diagnostics
 from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.result import SolveResult
 
@@ -95,9 +98,9 @@ class BlockOptions:
     return max(1, math.ceil(self.max_steps_factor * d_in))
 
   def validate(self, d_in: int) -> None:
-    """Shape checks (ValueError)."""
-    if self.block_size > d_in:
-      raise ValueError(f"block_size must be <= d_in={d_in}, got {self.block_size}")
+    """Shape checks (ConfigError)."""
+    config_lib.reject_unless(self.block_size <= d_in,
+                             f"block_size must be <= d_in={d_in}, got {self.block_size}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,9 +132,10 @@ def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
   """Quantizes W [d_out, d_in] by greedy BCD on the undamped Hessian H [d_in, d_in].
 
   Returns:
-    SolveResult with diagnostics "init_objective" (the CD or GPTQ start), the GPTQ damping,
-    "steps" [d_out] (block moves per row), "scans", "global_steps", "objective_trace",
-    "tracked_objective", "recomputed_objective", "max_resync_drift".
+    SolveResult with Diagnostics: init_objective (of the CD solution with cd_first, else of the
+    RTN/GPTQ start), damping (of a GPTQ start), steps [d_out] (block moves per row), rounds
+    (scans), global_steps, objective_trace, tracked_objective, recomputed_objective,
+    max_resync_drift.
   """
   hessian.check_layer_problem(W, H, layer=layer)
   d_in = jnp.shape(W)[1]
@@ -148,9 +152,7 @@ def bcd(W, H, cfg: BCDConfig = BCDConfig(), *, layer: str = "?") -> SolveResult:
                        max_steps=math.ceil(cfg.max_steps_factor * d_in),
                        candidates=cfg.candidates, rescan_every=cfg.rescan_every,
                        resync_every=cfg.resync_every, min_phase_rows=cfg.min_phase_rows)
-  inherited = {k: v for k, v in init.diagnostics.items() if k.startswith("init_")}
-  diagnostics = {**inherited, "init_objective": init.objective, **diag}
-  return init_lib.solve_result(W, H, Q, start.grid, init.perm, diagnostics)
+  return init_lib.solve_result(W, H, Q, start.grid, init.perm, diag.started_from(init))
 
 
 def correlation_partners(H: np.ndarray, n_partners: int) -> np.ndarray:
@@ -198,7 +200,7 @@ def neighbourhood(block_size: int, radius: int) -> np.ndarray:
 def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
                candidates: int = 16, rescan_every: int = 32, resync_every: int = 512,
                frozen: jax.Array | None = None,
-               min_phase_rows: int = 64) -> tuple[jax.Array, dict]:
+               min_phase_rows: int = 64) -> tuple[jax.Array, Diagnostics]:
   """Greedy BCD over a FIXED grid from Q0.
 
   Args:
@@ -214,20 +216,20 @@ def refine_bcd(W, H, Q0, grid: Grid, *, blocks, radius: int = 1, max_steps: int,
     frozen: optional [d_out, d_in] bool, coordinates that keep Q0 (dead columns always do).
     min_phase_rows: smallest row-compaction phase (speed only).
   Returns:
-    (Q [d_out, d_in], diagnostics: "codes", "steps" [d_out], "global_steps", "scans",
-    "objective_trace" (tracked objective after each scan round; NaN after the end),
-    "tracked_objective", "recomputed_objective", "max_resync_drift").
+    (Q [d_out, d_in], Diagnostics: steps [d_out], global_steps, rounds (scans),
+    objective_trace (tracked objective after each scan round; NaN after the end),
+    tracked_objective, recomputed_objective, max_resync_drift).
   """
   dtype = init_lib.working_dtype(W)
   W, H, Q0 = (jnp.asarray(a, dtype) for a in (W, H, Q0))
-  s, z = grid_arrays(grid, dtype)
+  s, z = descent.grid_arrays(grid, dtype)
   blocks = jnp.asarray(blocks, jnp.int32)
   frozen = None if frozen is None else jnp.asarray(frozen, bool)
   return _run(W, H, Q0, s, z, frozen, blocks, radius=int(radius), maxq=grid.maxq,
               flavor=grid.flavor, max_steps=int(max_steps),
               candidates=min(int(candidates), blocks.shape[0]), rescan_every=int(rescan_every),
               resync_every=int(resync_every),
-              sizes=phase_sizes(W.shape[0], min_phase_rows))
+              sizes=descent.phase_sizes(W.shape[0], min_phase_rows))
 
 
 def _gather_shared(CT, GT, sT, frozenT, fixed_col, idx, Hab):
@@ -296,11 +298,20 @@ def _evaluate(g, c, sc, fixed, h, offsets, *, maxq, noise):
   return best_key, best_gain, best_r
 
 
-def _argmin_rows(x):
-  """Row-wise argmin of [rows, P] as plain reductions (first index on ties)."""
-  best = jnp.min(x, axis=1)
-  cols = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-  return best, jnp.min(jnp.where(x == best[:, None], cols, x.shape[1]), axis=1)
+class _BlockTable(NamedTuple):
+  """The blocks and what a step needs of them.
+
+  Attributes:
+    blocks: [n_anchors, n_opt, k] int32 block columns.
+    block_H: [n_anchors, n_opt, k, k] block Hessians H_SS.
+    offsets: [R, k] host array of the neighbourhood's code offsets (unrolled).
+    fixed_col: [d_in] bool dead columns (they never move).
+  """
+
+  blocks: jax.Array
+  block_H: jax.Array
+  offsets: np.ndarray
+  fixed_col: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("radius", "maxq", "flavor", "max_steps",
@@ -310,129 +321,116 @@ def _run(W, H, Q0, s, z, frozen, blocks, *, radius, maxq, flavor, max_steps, can
          rescan_every, resync_every, sizes):
   """Phased scan / greedy-step loop of `refine_bcd` (phases as in `cd`: the rows not done yet
   are gathered into arrays of `sizes[k]` rows)."""
-  d_out = W.shape[0]
-  offsets = neighbourhood(blocks.shape[2], radius)
-  diag_h = jnp.diag(H)
+  consts = descent.Consts(W=W, s=s, z=z, kept=None if frozen is None else Q0, frozen=frozen)
   # Block Hessians H_SS of every block: [n_anchors, n_opt, k, k].
-  block_H = H[blocks[..., :, None], blocks[..., None, :]]
-  kept = None if frozen is None else Q0  # values of the frozen coordinates
-  C = grids.codes_of(Q0, s, z, maxq, flavor)
-  E = code_values(C, s, z, kept, frozen) - W
-  G = hdot(E, H)
-  obj = jnp.sum(E * G, axis=1)
-  steps, done = jnp.zeros((d_out,), jnp.int32), jnp.zeros((d_out,), bool)
-  trace = jnp.full((max_steps + 2,), jnp.nan, W.dtype).at[0].set(jnp.sum(obj))
-  glob = (jnp.int32(0), jnp.sum(obj), jnp.zeros((), W.dtype), jnp.int32(0), trace)
-  static = dict(H=H, diag_h=diag_h, blocks=blocks, block_H=block_H, offsets=offsets, maxq=maxq,
-                max_steps=max_steps, candidates=candidates, rescan_every=rescan_every,
-                resync_every=resync_every)
-  for k, rows in enumerate(sizes):
-    handover = sizes[k + 1] if k + 1 < len(sizes) else 0
-    # Rows not done first; the previous phase ended with at most `rows` of them.
-    idx = None if rows == d_out else jnp.argsort(done, stable=True)[:rows]
-    sub = tuple(take_rows(x, idx) for x in (C, G, obj, steps, done))
-    consts = tuple(None if x is None else take_rows(x, idx) for x in (W, s, z, kept, frozen))
-    outside = glob[1] - jnp.sum(sub[2])
-    sub, glob = _phase(sub, glob, consts, outside, handover=handover, **static)
-    if idx is None:
-      C, G, obj, steps, done = sub
-    else:
-      C, G, obj, steps, done = (x.at[idx].set(y) for x, y in zip((C, G, obj, steps, done), sub))
-
-  t, tracked, drift, scans, trace = glob
-  Q = code_values(C, s, z, kept, frozen)
-  E = Q - W
-  exact = jnp.sum(hdot(E, H) * E)
-  drift = jnp.maximum(drift, jnp.abs(tracked - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-  return Q, dict(codes=C.astype(jnp.int32), steps=steps, global_steps=t, scans=scans,
-                 objective_trace=trace[:-1], tracked_objective=tracked,
-                 recomputed_objective=exact, max_resync_drift=drift)
+  table = _BlockTable(blocks=blocks, block_H=H[blocks[..., :, None], blocks[..., None, :]],
+                      offsets=neighbourhood(blocks.shape[2], radius), fixed_col=jnp.diag(H) == 0)
+  rows, totals = descent.start(grids.codes_of(Q0, s, z, maxq, flavor), consts, H, max_steps + 1)
+  phase = functools.partial(_phase, H=H, table=table, maxq=maxq, max_steps=max_steps,
+                            candidates=candidates, rescan_every=rescan_every,
+                            resync_every=resync_every)
+  rows, totals = descent.run_phases(rows, totals, consts, sizes, phase)
+  Q, diagnostics = descent.finish(rows, totals, consts, H)
+  return Q, diagnostics.replace(rounds=totals.rounds)
 
 
-def _phase(sub, glob, consts, outside, *, H, diag_h, blocks, block_H, offsets, maxq, max_steps,
-           candidates, rescan_every, resync_every, handover):
-  """Rounds of (scan, greedy steps) on gathered rows until at most `handover` are not done."""
-  W, s, z, kept, frozen = consts
-  rows, d_in = W.shape
-  n_anchors, n_opt, k = blocks.shape
-  fixed_col = diag_h == 0  # dead columns never move
-  noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
-  cols = jnp.arange(d_in, dtype=jnp.int32)[None, :]
-  row_ids = jnp.arange(rows)
-  evaluate = functools.partial(_evaluate, offsets=offsets, maxq=maxq, noise=noise)
+def _phase(rows: descent.Rows, totals: descent.Totals, consts: descent.Consts, outside,
+           handover: int, *, H, table: _BlockTable, maxq, max_steps, candidates, rescan_every,
+           resync_every) -> tuple[descent.Rows, descent.Totals]:
+  """Rounds of (scan, greedy steps) on gathered rows until at most `handover` are pending."""
+  evaluate = functools.partial(_evaluate, offsets=table.offsets, maxq=maxq,
+                               noise=descent.noise_level(consts.W.dtype))
+  step = functools.partial(_step, consts=consts, H=H, table=table, evaluate=evaluate, maxq=maxq,
+                           max_steps=max_steps)
 
-  def scan(C, G):
-    """Exact best key of every anchor (over its options) → top `candidates` anchors per row."""
-    CT, GT = C.T, G.T
-    sT = s.T  # [1, rows] per channel, else [d_in, rows]
-    frozenT = None if frozen is None else frozen.T
+  def greedy_step(state):
+    rows, totals, cand, inner = state
+    rows, totals = descent.resync_every(*step(rows, totals, cand), consts, H, outside,
+                                        resync_every)
+    return rows, totals, cand, inner + 1
 
-    def option(o, best):
-      operands = _gather_shared(CT, GT, sT, frozenT, fixed_col, blocks[:, o, :], block_H[:, o])
-      key, _, _ = evaluate(*operands)
-      return jnp.minimum(best, key)
-    # [n_anchors, rows] -> [rows, n_anchors]
-    best = jax.lax.fori_loop(0, n_opt, option,
-                             jnp.full((n_anchors, rows), jnp.inf, G.dtype)).T
-    _, cand = jax.lax.top_k(-best, candidates)
-    return cand, jnp.min(best, axis=1) < 0
-
-  def step(state):
-    (C, G, obj, steps, active, cand, inner), (t, total, drift, scans, trace) = state
-    # [rows, candidates, n_opt, k] -> [rows, candidates·n_opt, k]
-    idx = blocks[cand].reshape(rows, candidates * n_opt, k)
-    Hab = block_H[cand].reshape(rows, candidates * n_opt, k, k)
-    key, gain, combo = evaluate(*_gather_rows(C, G, s, frozen, fixed_col, idx, Hab))
-    best_key, b = _argmin_rows(key)
-    move = active & (best_key < 0)
-    S = idx[row_ids, b]  # [rows, k]
-    off = jnp.asarray(offsets)[combo[row_ids, b]]  # [rows, k]
-    c_S = jnp.take_along_axis(C, S, axis=1)
-    fixed = fixed_col[S] if frozen is None else fixed_col[S] | jnp.take_along_axis(frozen, S, 1)
-    new = jnp.where(fixed | ~move[:, None], c_S, jnp.clip(c_S + off, 0, maxq))
-    s_S = s if s.shape[1] == 1 else jnp.take_along_axis(s, S, axis=1)
-    delta = s_S * (new - c_S)
-    for a in range(k):
-      C = jnp.where(cols == S[:, a:a + 1], new[:, a:a + 1], C)
-      # G += δ_a ⊗ H[S_a, :], one gathered row of H per row.
-      G = G + delta[:, a:a + 1] * jnp.take(H, S[:, a], axis=0)
-    gained = jnp.where(move, gain[row_ids, b], 0.0)
-    obj, total, t, steps = obj + gained, total + jnp.sum(gained), t + 1, steps + move
-    state = ((C, G, obj, steps, move & (steps < max_steps), cand, inner + 1),
-             (t, total, drift, scans, trace))
-    return jax.lax.cond(t % resync_every == 0, resync, lambda x: x, state)
-
-  def resync(state):
-    (C, G, obj, steps, active, cand, inner), (t, total, drift, scans, trace) = state
-    E = code_values(C, s, z, kept, frozen) - W
-    G = hdot(E, H)
-    obj = jnp.sum(E * G, axis=1)
-    exact = outside + jnp.sum(obj)
-    drift = jnp.maximum(drift, jnp.abs(total - exact) / jnp.maximum(jnp.abs(exact), 1e-30))
-    return (C, G, obj, steps, active, cand, inner), (t, exact, drift, scans, trace)
-
-  def inner_cond(state):
-    (_, _, _, _, active, _, inner), _ = state
-    return jnp.any(active) & (inner < rescan_every)
+  def moving(state):
+    rows, _, _, inner = state
+    return jnp.any(rows.pending) & (inner < rescan_every)
 
   def round_(state):
-    (C, G, obj, steps, done), (t, total, drift, scans, trace) = state
-    cand, improvable = scan(C, G)
-    done = ~improvable | (steps >= max_steps)
-    inner = ((C, G, obj, steps, ~done, cand, jnp.int32(0)), (t, total, drift, scans, trace))
-    (C, G, obj, steps, _, _, _), (t, total, drift, scans, trace) = jax.lax.while_loop(
-        inner_cond, step, inner)
-    scans = scans + 1
-    trace = trace.at[jnp.minimum(scans, trace.shape[0] - 1)].set(total)
-    return (C, G, obj, steps, done), (t, total, drift, scans, trace)
+    rows, totals = state
+    cand, improvable = _scan(rows.C, rows.G, consts, table, evaluate, candidates)
+    pending = improvable & (rows.steps < max_steps)
+    rows, totals, _, _ = jax.lax.while_loop(
+        moving, greedy_step, (rows._replace(pending=pending), totals, cand, jnp.int32(0)))
+    rounds = totals.rounds + 1
+    trace = totals.trace.at[jnp.minimum(rounds, totals.trace.shape[0] - 1)].set(totals.tracked)
+    return rows._replace(pending=pending), totals._replace(rounds=rounds, trace=trace)
 
   def cond(state):
-    (_, _, _, _, done), (_, _, _, scans, _) = state
-    # Every round moves each row that is not done, so rounds <= max_steps (a safety bound).
-    return (jnp.sum(~done) > handover) & (scans < max_steps + 1)
+    rows, totals = state
+    # Every round moves each pending row, so rounds <= max_steps (a safety bound).
+    return (jnp.sum(rows.pending) > handover) & (totals.rounds < max_steps + 1)
 
-  # Rows enter not done (a scan decides); rows gathered as padding are done already.
-  return jax.lax.while_loop(cond, round_, (sub, glob))
+  # Rows enter pending (a scan decides); rows gathered as padding are not pending already.
+  return jax.lax.while_loop(cond, round_, (rows, totals))
+
+
+def _scan(C, G, consts: descent.Consts, table: _BlockTable, evaluate,
+          candidates: int) -> tuple[jax.Array, jax.Array]:
+  """Exact best key of every anchor (over its options): (the `candidates` best anchors
+  [rows, candidates] int32, whether any block improves [rows] bool)."""
+  n_anchors, n_opt, _ = table.blocks.shape
+  CT, GT = C.T, G.T
+  sT = consts.s.T  # [1, rows] per channel, else [d_in, rows]
+  frozenT = None if consts.frozen is None else consts.frozen.T
+
+  def option(o, best):
+    operands = _gather_shared(CT, GT, sT, frozenT, table.fixed_col, table.blocks[:, o, :],
+                              table.block_H[:, o])
+    key, _, _ = evaluate(*operands)
+    return jnp.minimum(best, key)
+  # [n_anchors, rows] -> [rows, n_anchors]
+  best = jax.lax.fori_loop(0, n_opt, option,
+                           jnp.full((n_anchors, C.shape[0]), jnp.inf, G.dtype)).T
+  _, cand = jax.lax.top_k(-best, candidates)
+  return cand, jnp.min(best, axis=1) < 0
+
+
+def _step(rows: descent.Rows, totals: descent.Totals, cand, *, consts: descent.Consts, H,
+          table: _BlockTable, evaluate, maxq, max_steps) -> tuple[descent.Rows, descent.Totals]:
+  """One greedy step: every pending row applies the best joint move among all options of its
+  candidate anchors [rows, candidates] (Δ exact from the current G); a row without an
+  improving move, or at its budget, stops until the next scan."""
+  C, G = rows.C, rows.G
+  n_rows, (_, n_opt, k) = C.shape[0], table.blocks.shape
+  row_ids = jnp.arange(n_rows)
+  # [rows, candidates, n_opt, k] -> [rows, candidates·n_opt, k]
+  idx = table.blocks[cand].reshape(n_rows, cand.shape[1] * n_opt, k)
+  Hab = table.block_H[cand].reshape(n_rows, cand.shape[1] * n_opt, k, k)
+  key, gain, combo = evaluate(*_gather_rows(C, G, consts.s, consts.frozen, table.fixed_col,
+                                            idx, Hab))
+  best_key, b = descent.row_argmin(key)
+  move = rows.pending & (best_key < 0)
+  S = idx[row_ids, b]  # [rows, k]
+  new, delta = _block_move(C, consts, table, S, jnp.asarray(table.offsets)[combo[row_ids, b]],
+                           move, maxq)
+  for a in range(k):
+    C, G = descent.apply_moves(C, G, H, S[:, a], new[:, a], delta[:, a])
+  gained = jnp.where(move, gain[row_ids, b], 0.0)
+  steps = rows.steps + move
+  rows = descent.Rows(C=C, G=G, obj=rows.obj + gained, steps=steps,
+                      pending=move & (steps < max_steps))
+  return rows, totals._replace(t=totals.t + 1, tracked=totals.tracked + jnp.sum(gained))
+
+
+def _block_move(C, consts: descent.Consts, table: _BlockTable, S, off, move, maxq):
+  """(new codes, δ) [rows, k] of the blocks S [rows, k] moved by code offsets off [rows, k]
+  where `move` [rows] (fixed coordinates and rows that do not move keep their codes)."""
+  c_S = jnp.take_along_axis(C, S, axis=1)
+  fixed = table.fixed_col[S]
+  if consts.frozen is not None:
+    fixed = fixed | jnp.take_along_axis(consts.frozen, S, 1)
+  new = jnp.where(fixed | ~move[:, None], c_S, jnp.clip(c_S + off, 0, maxq))
+  s = consts.s
+  s_S = s if s.shape[1] == 1 else jnp.take_along_axis(s, S, axis=1)
+  return new, s_S * (new - c_S)
 
 
 def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
@@ -447,10 +445,10 @@ def block_gains(W, H, Q, grid: Grid, blocks, radius: int = 1) -> jax.Array:
   """
   dtype = init_lib.working_dtype(W)
   W, H, Q = (jnp.asarray(a, dtype) for a in (W, H, Q))
-  s, z = grid_arrays(grid, dtype)
+  s, z = descent.grid_arrays(grid, dtype)
   blocks = jnp.asarray(blocks, jnp.int32)
   C = grids.codes_of(Q, s, z, grid.maxq, grid.flavor)
-  G = hdot(grids.dequantize_codes(C, s, z) - W, H)
+  _, G = descent.gradient(C, descent.Consts(W=W, s=s, z=z, kept=None, frozen=None), H)
   Hab = H[blocks[:, :, None], blocks[:, None, :]]
   operands = _gather_shared(C.T, G.T, s.T, None, jnp.diag(H) == 0, blocks, Hab)
   _, gain, _ = _evaluate(*operands, neighbourhood(blocks.shape[1], radius), maxq=grid.maxq,

@@ -11,6 +11,8 @@ Lazy batches (GuidedQuant `update_P`): G = (Q − W) H is exact at the start of 
 `blocksize` columns; inside the block only the block's columns of G are updated (rank-1 with
 H[i, blk]); after the block the whole G receives Δ_blk H[blk, :] as one matmul. A sweep costs one
 d_out × d_in × d_in matmul plus O(d_out · d_in · blocksize) element work.
+
+The best-code and noise rules are CD's (`_descent`); this file holds the sweep order.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
-from cdquant_jax.solvers import hessian, init as init_lib
-from cdquant_jax.solvers.cd import NOISE_ULPS, code_values, grid_arrays
+from cdquant_jax.solvers import _descent as descent
+from cdquant_jax.solvers import hessian, init as init_lib, padding
+from cdquant_jax.solvers.diagnostics import Diagnostics
 from cdquant_jax.solvers.init import InitConfig
 from cdquant_jax.solvers.result import SolveResult
 
@@ -66,10 +69,10 @@ def cyclic(W, H, cfg: CyclicConfig = CyclicConfig(), *, layer: str = "?") -> Sol
   """Quantizes W [d_out, d_in] by cyclic CD sweeps on the undamped Hessian H [d_in, d_in].
 
   Returns:
-    SolveResult with diagnostics "init_objective" (and the init's damping), "steps" [d_out]
-    (coordinate changes per row), "sweeps" (sweeps run), "objective_trace" [sweeps + 1]
-    (tracked objective after each sweep; NaN after the loop ended), "tracked_objective",
-    "recomputed_objective".
+    SolveResult with Diagnostics: init_objective and damping (of the start), steps [d_out]
+    (coordinate changes per row), rounds (sweeps run), objective_trace [sweeps + 1] (tracked
+    objective after each sweep; NaN after the loop ended), tracked_objective,
+    recomputed_objective.
   """
   hessian.check_layer_problem(W, H, layer=layer)
   d_in = jnp.shape(W)[1]
@@ -80,13 +83,12 @@ def cyclic(W, H, cfg: CyclicConfig = CyclicConfig(), *, layer: str = "?") -> Sol
            else jnp.arange(d_in, dtype=jnp.int32))
   Q, diag = refine_cyclic(start.W, start.H, start.Q, start.grid, sweeps=cfg.sweeps,
                           blocksize=cfg.blocksize, order=order)
-  diagnostics = {**init_lib.init_diagnostics(init), **diag}
-  return init_lib.solve_result(W, H, Q, start.grid, init.perm, diagnostics)
+  return init_lib.solve_result(W, H, Q, start.grid, init.perm, diag.started_from(init))
 
 
 def refine_cyclic(W, H, Q0, grid: Grid, *, sweeps: int, blocksize: int = 128,
                   order: jax.Array | None = None,
-                  frozen: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                  frozen: jax.Array | None = None) -> tuple[jax.Array, Diagnostics]:
   """Cyclic CD sweeps over a FIXED grid from Q0.
 
   Args:
@@ -98,23 +100,24 @@ def refine_cyclic(W, H, Q0, grid: Grid, *, sweeps: int, blocksize: int = 128,
     order: optional [d_in] visiting order of the columns (default natural).
     frozen: optional [d_out, d_in] bool, coordinates that keep their Q0 value.
   Returns:
-    (Q [d_out, d_in] in the original column order, diagnostics as in `cyclic`).
+    (Q [d_out, d_in] in the original column order, Diagnostics: steps, rounds (sweeps run),
+    objective_trace, tracked_objective, recomputed_objective).
   """
   dtype = init_lib.working_dtype(W)
   W, H, Q0 = (jnp.asarray(a, dtype) for a in (W, H, Q0))
-  d_out, d_in = W.shape
+  d_in = W.shape[1]
   order = jnp.arange(d_in, dtype=jnp.int32) if order is None else jnp.asarray(order, jnp.int32)
-  s, z = grid_arrays(grid, dtype)
-  per_column = s.shape[1] != 1
-  pad = -d_in % min(blocksize, d_in)
+  s, z = descent.grid_arrays(grid, dtype)
   B = min(blocksize, d_in)
+  n = padding.round_up(d_in, B)
 
   def prep(A, fill):
     """Columns in visiting order, padded to a multiple of the block size."""
-    return jnp.pad(A[:, order], ((0, 0), (0, pad)), constant_values=fill)
+    return padding.pad_axis(A[:, order], n, fill=fill)
 
-  Hp = jnp.pad(H[order][:, order], ((0, pad), (0, pad)))
-  sp, zp = (prep(s, 1.0), prep(z, 0.0)) if per_column else (s, z)
+  # Padded columns have H_jj = 0 (dead): they never move and couple to nothing.
+  Hp = padding.pad_square(H[order][:, order], n)
+  sp, zp = (prep(s, 1.0), prep(z, 0.0)) if s.shape[1] != 1 else (s, z)
   frozen_p = None if frozen is None else prep(jnp.asarray(frozen, bool), True)
   Qp, diag = _sweeps(prep(W, 0.0), Hp, prep(Q0, 0.0), sp, zp, frozen_p, maxq=grid.maxq,
                      flavor=grid.flavor, sweeps=int(sweeps), B=B)
@@ -125,59 +128,19 @@ def refine_cyclic(W, H, Q0, grid: Grid, *, sweeps: int, blocksize: int = 128,
 @functools.partial(jax.jit, static_argnames=("maxq", "flavor", "sweeps", "B"))
 def _sweeps(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, sweeps: int, B: int):
   """Sweeps in visiting order on padded arrays (d_in a multiple of B)."""
-  d_out, n = W.shape
-  diag_h = jnp.diag(H)
-  inv_diag = jnp.where(diag_h > 0, 1.0 / jnp.where(diag_h > 0, diag_h, 1.0), 0.0)
-  noise = NOISE_ULPS * jnp.finfo(W.dtype).eps
-  per_column = s.shape[1] != 1
+  d_out = W.shape[0]
+  consts = descent.Consts(W=W, s=s, z=z, kept=None if frozen is None else Q0, frozen=frozen)
   C0 = grids.codes_of(Q0, s, z, maxq, flavor)
-  E0 = code_values(C0, s, z, Q0, frozen) - W
-  G0 = hdot(E0, H)
+  E0, G0 = descent.gradient(C0, consts, H)
   obj0 = jnp.sum(E0 * G0)
+  sweep = functools.partial(_sweep, consts=consts, curv=descent.curvature(H), maxq=maxq, B=B)
 
-  def column(j, state):
-    Cb, Gb, Db, sb, fb, Hbb, db, ib, changed, gained = state
-    c, g = Cb[:, j], Gb[:, j]
-    s_j = sb[:, j] if per_column else sb[:, 0]
-    fr = None if fb is None else fb[:, j]
-    # Best code: nearest to t/s + z = c − g / (H_jj s) (both flavours; s = 0: no move).
-    inv_s = jnp.where(s_j != 0, 1.0 / jnp.where(s_j != 0, s_j, 1.0), 0.0)
-    cand = jnp.clip(jnp.round(c - g * ib[j] * inv_s), 0, maxq)
-    delta = s_j * (cand - c)
-    if fr is not None:
-      delta = jnp.where(fr, 0.0, delta)
-    gain = delta * (2.0 * g + delta * db[j])
-    move = gain + noise * jnp.abs(delta) * (2.0 * jnp.abs(g) + jnp.abs(delta) * db[j]) < 0
-    delta = jnp.where(move, delta, 0.0)
-    Cb = Cb.at[:, j].set(jnp.where(move, cand, c))
-    # In-block update: G[:, blk] += δ ⊗ H[j, blk].
-    Gb = Gb + delta[:, None] * Hbb[j][None, :]
-    return (Cb, Gb, Db.at[:, j].set(delta), sb, fb, Hbb, db, ib, changed + move,
-            gained + jnp.sum(jnp.where(move, gain, 0.0)))
-
-  def block(b, state):
-    C, G, changed, gained = state
-    a = b * B
-    cut = lambda A: jax.lax.dynamic_slice(A, (0, a), (d_out, B))
-    sb = cut(s) if per_column else s
-    fb = None if frozen is None else cut(frozen)
-    Hrows = jax.lax.dynamic_slice(H, (a, 0), (B, n))
-    Hbb = jax.lax.dynamic_slice(Hrows, (0, a), (B, B))
-    db, ib = jax.lax.dynamic_slice(diag_h, (a,), (B,)), jax.lax.dynamic_slice(inv_diag, (a,), (B,))
-    inner = (cut(C), cut(G), jnp.zeros((d_out, B), W.dtype), sb, fb, Hbb, db, ib, changed,
-             gained)
-    Cb, _, Db, *_, changed, gained = jax.lax.fori_loop(0, B, column, inner)
-    # Lazy batch: every column of G receives the block's moves, [d_out, B] @ [B, n].
-    G = G + hdot(Db, Hrows)
-    return jax.lax.dynamic_update_slice(C, Cb, (0, a)), G, changed, gained
-
-  def sweep(state):
-    C, G, k, steps, last_changes, total, trace = state
-    C, G, changed, gained = jax.lax.fori_loop(
-        0, n // B, block, (C, G, jnp.zeros((d_out,), jnp.int32), jnp.zeros((), W.dtype)))
+  def body(state):
+    C, G, k, steps, _, total, trace = state
+    C, G, changed, gained = sweep(C, G)
     total = total + gained
     n_changed = jnp.sum(changed).astype(jnp.int32)
-    return (C, G, k + 1, steps + changed, n_changed, total, trace.at[k + 1].set(total))
+    return C, G, k + 1, steps + changed, n_changed, total, trace.at[k + 1].set(total)
 
   def cond(state):
     _, _, k, _, last_changes, _, _ = state
@@ -185,9 +148,59 @@ def _sweeps(W, H, Q0, s, z, frozen, *, maxq: int, flavor: Flavor, sweeps: int, B
 
   trace = jnp.full((sweeps + 1,), jnp.nan, W.dtype).at[0].set(obj0)
   init = (C0, G0, jnp.int32(0), jnp.zeros((d_out,), jnp.int32), jnp.int32(1), obj0, trace)
-  C, _, k, steps, _, tracked, trace = jax.lax.while_loop(cond, sweep, init)
-  Q = code_values(C, s, z, Q0, frozen)
-  E = Q - W
-  exact = jnp.sum(hdot(E, H) * E)
-  return Q, dict(steps=steps, sweeps=k, objective_trace=trace, tracked_objective=tracked,
-                 recomputed_objective=exact)
+  C, _, k, steps, _, tracked, trace = jax.lax.while_loop(cond, body, init)
+  Q, exact = descent.solution(C, consts, H)
+  return Q, Diagnostics(steps=steps, rounds=k, objective_trace=trace, tracked_objective=tracked,
+                        recomputed_objective=exact)
+
+
+def _sweep(C, G, *, consts: descent.Consts, curv: descent.Curvature, maxq: int, B: int):
+  """One sweep over the columns, block by block: (C, G, changes per row [d_out], Σ Δ)."""
+  d_out, n = C.shape
+  block = functools.partial(_lazy_block, consts=consts, curv=curv, maxq=maxq, B=B)
+  return jax.lax.fori_loop(0, n // B, block, (C, G, jnp.zeros((d_out,), jnp.int32),
+                                              jnp.zeros((), G.dtype)))
+
+
+def _lazy_block(b, state, *, consts: descent.Consts, curv: descent.Curvature, maxq: int, B: int):
+  """Columns [b·B, (b+1)·B) one by one with in-block updates of G, then the block's moves
+  reach every column of G at once."""
+  C, G, changed, gained = state
+  d_out, n = C.shape
+  a = b * B
+  cut = lambda A: jax.lax.dynamic_slice(A, (0, a), (d_out, B))
+  Hrows = jax.lax.dynamic_slice(curv.H, (a, 0), (B, n))
+  column = functools.partial(
+      _column, s=cut(consts.s) if consts.s.shape[1] != 1 else consts.s,
+      frozen=None if consts.frozen is None else cut(consts.frozen),
+      Hbb=jax.lax.dynamic_slice(Hrows, (0, a), (B, B)),
+      d=jax.lax.dynamic_slice(curv.diag, (a,), (B,)),
+      inv_d=jax.lax.dynamic_slice(curv.inv_diag, (a,), (B,)),
+      maxq=maxq, noise=descent.noise_level(consts.W.dtype))
+  inner = (cut(C), cut(G), jnp.zeros((d_out, B), G.dtype), changed, gained)
+  Cb, _, Db, changed, gained = jax.lax.fori_loop(0, B, column, inner)
+  # Lazy batch: every column of G receives the block's moves, [d_out, B] @ [B, n].
+  G = G + hdot(Db, Hrows)
+  return jax.lax.dynamic_update_slice(C, Cb, (0, a)), G, changed, gained
+
+
+def _column(j, state, *, s, frozen, Hbb, d, inv_d, maxq: int, noise):
+  """Column j of a block: every row takes its best code if that beats the noise.
+
+  state: block codes Cb, G columns Gb, moves Db (all [d_out, B]), changes per row [d_out] and
+  Σ Δ; s: [d_out, B] or [d_out, 1]; frozen: None or [d_out, B]; Hbb: [B, B]; d, inv_d: [B].
+  """
+  Cb, Gb, Db, changed, gained = state
+  c, g = Cb[:, j], Gb[:, j]
+  s_j = s[:, j] if s.shape[1] != 1 else s[:, 0]
+  fr = None if frozen is None else frozen[:, j]
+  # Best code of column j (s = 0: no move).
+  code, delta, gain = descent.single_moves(c, g, inv_d[j], d[j], s_j,
+                                           descent.safe_inverse(s_j, s_j != 0), fr, maxq)
+  move = descent.beats_noise(gain, delta, g, d[j], noise)
+  delta = jnp.where(move, delta, 0.0)
+  Cb = Cb.at[:, j].set(jnp.where(move, code, c))
+  # In-block update: G[:, blk] += δ ⊗ H[j, blk].
+  Gb = Gb + delta[:, None] * Hbb[j][None, :]
+  return (Cb, Gb, Db.at[:, j].set(delta), changed + move,
+          gained + jnp.sum(jnp.where(move, gain, 0.0)))

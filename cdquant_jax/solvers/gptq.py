@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot, layer_objective
 from cdquant_jax.quant import grids
-from cdquant_jax.quant.grids import Flavor, Grid, GridConfig
-from cdquant_jax.solvers import hessian
+from cdquant_jax.quant.grids import Flavor, GridConfig
+from cdquant_jax.solvers import hessian, padding
+from cdquant_jax.solvers.diagnostics import Damping, Diagnostics
 from cdquant_jax.solvers.result import SolveResult, no_outliers
 
 
@@ -102,8 +103,8 @@ def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResu
 
   Returns:
     SolveResult with Q and codes in the original column order, the grid (group_index in
-    original order), the processing permutation and diagnostics: "gptq_loss" (the reference's
-    Σ (w − q)² / U_jj² / 2), "percdamp", "damp", "escalations".
+    original order), the processing permutation and Diagnostics: gptq_loss (the reference's
+    Σ (w − q)² / U_jj² / 2) and damping.
   Raises:
     ValueError / HessianError naming the layer for bad shapes, values, bits or group sizes, and
     when no damping up to the bound makes H positive definite.
@@ -147,20 +148,15 @@ def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResu
   return SolveResult(
       Q=Q, codes=codes_p[:, inv], grid=grid, perm=perm, objective=layer_objective(W, Q, H),
       outlier_mask=no_outliers(W),
-      diagnostics=dict(gptq_loss=loss, percdamp=jnp.asarray(prep.percdamp),
-                       damp=jnp.asarray(prep.damp), escalations=jnp.asarray(prep.escalations)))
+      diagnostics=Diagnostics(gptq_loss=loss, damping=Damping.of(prep)))
 
 
 def _pad_problem(W, U, fixed_scale, fixed_zero, blocksize: int):
   """Pads columns to a multiple of the block size: zero weights, identity U rows."""
-  d_in = W.shape[1]
-  pad = -d_in % blocksize
-  if not pad:
-    return W, U, fixed_scale, fixed_zero
-  n = d_in + pad
-  Up = jnp.eye(n, dtype=U.dtype).at[:d_in, :d_in].set(U)
-  widen = lambda A, v: jnp.pad(A, ((0, 0), (0, pad)), constant_values=v)
-  return widen(W, 0.0), Up, widen(fixed_scale, 1.0), widen(fixed_zero, 0.0)
+  n = padding.round_up(W.shape[1], blocksize)
+  widen = lambda A, v: padding.pad_axis(A, n, fill=v)
+  return (widen(W, 0.0), padding.pad_square(U, n, diagonal=1.0), widen(fixed_scale, 1.0),
+          widen(fixed_zero, 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dynamic"))

@@ -23,6 +23,7 @@ from cdquant_jax._numerics import layer_objective
 from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid, GridConfig
 from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers.diagnostics import Diagnostics
 from cdquant_jax.solvers.gptq import GPTQOptions, gptq
 from cdquant_jax.solvers.result import SolveResult
 from cdquant_jax.solvers.rtn import RTNConfig, rtn
@@ -114,17 +115,8 @@ def start_point(W, H, init: SolveResult) -> StartPoint:
   return StartPoint(W=W, H=H, Q=grids.dequantize(codes, grid), grid=grid, dead=dead)
 
 
-def init_diagnostics(init: SolveResult) -> dict:
-  """The init's objective and damping, for the descent solver's diagnostics."""
-  out = {"init_objective": init.objective}
-  for key in ("percdamp", "damp", "escalations"):
-    if key in init.diagnostics:
-      out[f"init_{key}"] = init.diagnostics[key]
-  return out
-
-
 def solve_result(W, H, Q: jax.Array, grid: Grid, perm: jax.Array,
-                 diagnostics: dict) -> SolveResult:
+                 diagnostics: Diagnostics) -> SolveResult:
   """Packs a descent solution: codes derived from Q as integers, Q re-derived from the codes.
 
   Args:

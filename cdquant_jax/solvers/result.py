@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cdquant_jax.quant.grids import Grid
+from cdquant_jax.solvers.diagnostics import Diagnostics
 
 
 @jax.tree_util.register_dataclass
@@ -72,7 +73,7 @@ class SolveResult:
     perm: [d_in] int32 processing order (column perm[j] was processed j-th); identity if none.
     objective: f32 scalar tr((W − Q) H (W − Q)ᵀ) on the undamped H given to the solver.
     outlier_mask: [d_out, d_in] bool, weights kept in full precision (all False but for SpQR).
-    diagnostics: method-specific arrays (e.g. the damping used, per-step objective traces).
+    diagnostics: the solver's `Diagnostics` (damping used, objective traces, ...).
     spqr: SpQR's second-level statistics (None for every other method).
     method: static, the producing method's registry name. `api.solve` sets it; a solver
       called directly (`gptq(W, H, cfg)`) leaves "unknown", which packs all the same (the
@@ -85,7 +86,7 @@ class SolveResult:
   perm: jax.Array
   objective: jax.Array
   outlier_mask: jax.Array
-  diagnostics: dict = dataclasses.field(default_factory=dict)
+  diagnostics: Diagnostics = dataclasses.field(default_factory=Diagnostics)
   spqr: SpQRStats | None = None
   method: str = dataclasses.field(default="unknown", metadata=dict(static=True))
 

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import hdot, layer_objective
 from cdquant_jax.quant.grids import Flavor, Grid, GridConfig, codes_of, dequantize_codes
-from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers import hessian, padding
+from cdquant_jax.solvers.diagnostics import Damping, Diagnostics
 from cdquant_jax.solvers.result import SolveResult, SpQRStats
 from cdquant_jax.solvers.spqr_stats import (GroupStats, StatsConfig, group_stats,
                                             screen_outliers)
@@ -144,8 +145,8 @@ class SpQRConfig:
                        fp16_storage=g.fp16_stats)
 
   def validate(self, d_out: int, d_in: int, layer: str = "?") -> None:
-    """Shape checks: raises ValueError naming the layer and the field."""
-    bad = lambda msg: ValueError(f"layer {layer} [{d_out}x{d_in}]: SpQRConfig.{msg}")
+    """Shape checks: raises ConfigError naming the layer and the field."""
+    bad = lambda msg: config_lib.ConfigError(f"layer {layer} [{d_out}x{d_in}]: SpQRConfig.{msg}")
     g = self.columns_per_group(d_in)
     if d_in % g:
       raise bad(f"grid.group_size must be -1 or a positive divisor of d_in={d_in}, "
@@ -291,17 +292,6 @@ def outlier_scale(W: jax.Array, U: jax.Array) -> jax.Array:
   return jnp.mean(var / jnp.square(jnp.diag(U)))
 
 
-def _pad_columns(W: jax.Array, U: jax.Array, D: int) -> tuple[jax.Array, jax.Array]:
-  """Zero columns after W and an identity block after U, up to D columns (no coupling)."""
-  pad = D - W.shape[1]
-  if pad == 0:
-    return W, U
-  W = jnp.pad(W, ((0, 0), (0, pad)))
-  U = jnp.pad(U, ((0, pad), (0, pad)))
-  idx = jnp.arange(W.shape[1] - pad, D)
-  return W, U.at[idx, idx].set(1.0)
-
-
 def _spqr_stats(tables: GroupStats, cfg: SpQRConfig, n_groups: int, g: int) -> SpQRStats:
   """The second-level codes and statistics of the real groups (`n_groups` of `g` columns)."""
   sc = cfg.stats_config()
@@ -328,8 +318,8 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
     SolveResult in the original column order: Q (outliers hold their kept value), codes (at
     outliers: the code of the kept value, unused), grid (dequantized first-level statistics,
     group of column perm[j] = j // groupsize), perm, outlier_mask, objective on the undamped H,
-    diagnostics (outlier_fraction, percdamp_used, damp, escalations, tau_abs) and extras
-    (second-level codes and statistics, see module docs).
+    Diagnostics (outlier_fraction, damping, tau_abs) and `spqr` (second-level codes and
+    statistics, see module docs).
   """
   hessian.check_layer_problem(W, H, layer=layer)
   W, H = jnp.asarray(W), jnp.asarray(H)
@@ -351,8 +341,9 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
   else:
     tau_abs = jnp.asarray(jnp.inf, dtype)
 
-  D = -(-d_in // B) * B
-  Wpad, Upad = _pad_columns(prep.W, prep.U, D)
+  # Zero columns after W and an identity block after U, up to D columns (no coupling).
+  D = padding.round_up(d_in, B)
+  Wpad, Upad = padding.pad_axis(prep.W, D), padding.pad_square(prep.U, D, diagonal=1.0)
   sw = _Sweep(stats=cfg.stats_config(), maxq=cfg.maxq, groupsize=g, blocksize=B,
               detect=cfg.detect_outliers,
               screen=cfg.detect_outliers and not cfg.simplified_outliers)
@@ -365,13 +356,8 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
               group_index=(inv // g).astype(jnp.int32), maxq=cfg.maxq, flavor=Flavor.SPQR,
               sym=cfg.grid.sym, round_zero=cfg.grid.round_zero)
   mask = mask_p[:, :d_in][:, inv]
-  diagnostics = {
-      "outlier_fraction": jnp.mean(mask.astype(jnp.float32)),
-      "percdamp_used": jnp.asarray(prep.percdamp, jnp.float32),
-      "damp": jnp.asarray(prep.damp, jnp.float32),
-      "escalations": jnp.asarray(prep.escalations, jnp.int32),
-      "tau_abs": jnp.asarray(tau_abs, jnp.float32),
-  }
+  diagnostics = Diagnostics(outlier_fraction=jnp.mean(mask.astype(jnp.float32)),
+                            damping=Damping.of(prep), tau_abs=jnp.asarray(tau_abs, jnp.float32))
   return SolveResult(Q=Q, codes=codes_p[:, :d_in][:, inv], grid=grid, perm=perm,
                      objective=layer_objective(W, Q, H), outlier_mask=mask,
                      diagnostics=diagnostics, spqr=_spqr_stats(tables, cfg, n_groups, g))

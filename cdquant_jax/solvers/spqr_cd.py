@@ -32,7 +32,7 @@ from cdquant_jax.quant import grids
 from cdquant_jax.quant.grids import Grid
 from cdquant_jax.solvers import bcd as bcd_lib
 from cdquant_jax.solvers import cd as cd_lib
-from cdquant_jax.solvers import hessian
+from cdquant_jax.solvers import hessian, padding
 from cdquant_jax.solvers.bcd import BlockOptions
 from cdquant_jax.solvers.cd import GreedyOptions
 from cdquant_jax.solvers.result import SolveResult
@@ -118,10 +118,9 @@ def _resolve_outliers(W, H, Q, mask, lam, *, k: int, fp16: bool):
   rhs = jnp.take_along_axis(R, idx, axis=1)
   chunk = max(1, min(d_out, _SOLVE_CHUNK_ELEMENTS // max(k * k, 1)))
   n_chunks = -(-d_out // chunk)
-  pad = n_chunks * chunk - d_out
   # [d_out, k] -> [n_chunks, chunk, k] (padded rows are invalid)
-  split = lambda x, v: jnp.pad(x, ((0, pad), (0, 0)), constant_values=v).reshape(n_chunks,
-                                                                                 chunk, k)
+  split = lambda x, v: padding.pad_axis(x, n_chunks * chunk, axis=0, fill=v).reshape(
+      n_chunks, chunk, k)
   e_S = jax.lax.map(lambda a: _solve_rows(H, *a, lam),
                     (split(idx, 0), split(valid, False), split(rhs, 0.0)))
   # [n_chunks, chunk, k] -> [d_out, k]
@@ -186,7 +185,7 @@ def _refine_codes(W, H, Q, grid: Grid, mask, blocks, cfg: SpQRCDConfig):
                                  max_steps=b.max_steps(d_in), candidates=b.candidates,
                                  rescan_every=b.rescan_every, resync_every=b.resync_every,
                                  frozen=mask, min_phase_rows=b.min_phase_rows)
-  return Q, diag["steps"]
+  return Q, diag.steps
 
 
 def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> SolveResult:
@@ -197,10 +196,11 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
     cfg: config; its SpQRConfig fields as for `spqr`.
     layer: name used in errors.
   Returns:
-    SolveResult with SpQR's grid, perm, outlier mask and extras; Q and codes refined.
-    Diagnostics: SpQR's, plus "spqr_objective", "objective_trace" [2·rounds + 1] (after SpQR,
-    then after each half-round), "cd_steps" [d_out] (accepted moves per row, all rounds),
-    "accepted_cd_rows" and "accepted_outlier_rows" [rounds].
+    SolveResult with SpQR's grid, perm, outlier mask and second-level stats; Q and codes
+    refined. Diagnostics: SpQR's (damping, outlier_fraction, tau_abs), plus init_objective
+    (SpQR's objective), objective_trace [2·rounds + 1] (after SpQR, then after each
+    half-round), steps [d_out] (accepted CD moves per row, all rounds) and accepted_rows
+    [2·rounds] (rows that accepted each half-round).
   """
   hessian.check_layer_problem(W, H, layer=layer)
   d_out, d_in = jnp.shape(W)
@@ -218,28 +218,23 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   Q, trace = base.Q, [base.objective]
   out_codes = base.codes
   steps = jnp.zeros((d_out,), jnp.int32)
-  acc_cd, acc_out = [], []
+  accepted = []
   for _ in range(cfg.rounds):
     Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, blocks, cfg)
     Q, better = _accept_rows(W, H, Q, Q_cd)
     steps = steps + jnp.where(better, s, 0).astype(jnp.int32)
-    acc_cd.append(jnp.sum(better))
+    accepted.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
     Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge)
     Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.grid.fp16_stats)
     Q, better = _accept_rows(W, H, Q, Q_out)
     out_codes = jnp.where(better[:, None], codes_out, out_codes)
-    acc_out.append(jnp.sum(better))
+    accepted.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
   # Non-outliers lie on the grid; outliers keep the code their stored correction refers to.
   codes = jnp.where(mask, out_codes, grids.quantize(Q, grid))
-  diagnostics = {
-      **base.diagnostics,
-      "spqr_objective": base.objective,
-      "objective_trace": jnp.stack(trace),
-      "cd_steps": steps,
-      "accepted_cd_rows": jnp.asarray(acc_cd, jnp.int32),
-      "accepted_outlier_rows": jnp.asarray(acc_out, jnp.int32),
-  }
+  diagnostics = base.diagnostics.replace(init_objective=base.objective,
+                                         objective_trace=jnp.stack(trace), steps=steps,
+                                         accepted_rows=jnp.asarray(accepted, jnp.int32))
   return base.replace(Q=Q, codes=codes, objective=layer_objective(W, Q, H),
                       diagnostics=diagnostics)

@@ -39,18 +39,18 @@ def test_converged_bcd_is_block_optimal(x64, rng):
   blocks = make_blocks(H, 2, "correlated", n_partners=6)
   Q, diag = refine_bcd(W, H, start.Q, start.grid, blocks=blocks, max_steps=10_000,
                        candidates=4, rescan_every=3)
-  assert int(diag["global_steps"]) < 10_000  # stopped because a scan found nothing
+  assert int(diag.global_steps) < 10_000  # stopped because a scan found nothing
   Q = np.asarray(Q)
   for r in range(W.shape[0]):
     for block in blocks.reshape(-1, 2):
       gain, _ = oracle.best_block_move(W, H, Q, s, z, 3, r, block, 1)
       assert gain >= -1e-12 * oracle.objective(W[r:r + 1], 0 * W[r:r + 1], H)
-  trace = np.asarray(diag["objective_trace"])
+  trace = np.asarray(diag.objective_trace)
   trace = trace[~np.isnan(trace)]
-  assert len(trace) == int(diag["scans"]) + 1
+  assert len(trace) == int(diag.rounds) + 1
   assert np.all(np.diff(trace) <= 1e-12 * trace[0])
-  assert _rel(diag["recomputed_objective"], oracle.objective(W, Q, H)) < 1e-10
-  assert _rel(diag["tracked_objective"], diag["recomputed_objective"]) < 1e-10
+  assert _rel(diag.recomputed_objective, oracle.objective(W, Q, H)) < 1e-10
+  assert _rel(diag.tracked_objective, diag.recomputed_objective) < 1e-10
 
 
 @pytest.mark.parametrize("partition,init", [("correlated", "cd"), ("random", "gptq"),
@@ -65,11 +65,11 @@ def test_bcd_never_above_its_start(rng, partition, init):
   res = bcd(W, H, cfg)
   np.testing.assert_array_equal(np.asarray(res.Q), np.asarray(grids.dequantize(res.codes,
                                                                                res.grid)))
-  start = float(res.diagnostics["init_objective"])
+  start = float(res.diagnostics.init_objective)
   assert float(res.objective) <= start * (1 + 1e-6)
   if partition == "correlated" or init == "gptq":
     assert float(res.objective) < (0.995 if init == "cd" else 0.9) * start
-  assert _rel(res.diagnostics["tracked_objective"], res.diagnostics["recomputed_objective"]) < 1e-4
+  assert _rel(res.diagnostics.tracked_objective, res.diagnostics.recomputed_objective) < 1e-4
 
 
 def test_dead_columns_and_groups(rng):
@@ -80,7 +80,7 @@ def test_dead_columns_and_groups(rng):
   assert np.all(np.isfinite(np.asarray(res.Q)))
   zero_codes = np.asarray(grids.quantize(np.zeros_like(W), res.grid))
   np.testing.assert_array_equal(np.asarray(res.codes)[:, dead], zero_codes[:, dead])
-  assert float(res.objective) < float(res.diagnostics["init_objective"])
+  assert float(res.objective) < float(res.diagnostics.init_objective)
 
 
 def test_block_tables(rng):
@@ -121,4 +121,4 @@ def test_frozen_coordinates_keep_their_values(x64, rng):
   Q = np.asarray(Q)
   np.testing.assert_array_equal(Q[frozen], Q0[frozen])
   assert oracle.objective(W, Q, H) < oracle.objective(W, Q0, H)
-  assert _rel(diag["recomputed_objective"], oracle.objective(W, Q, H)) < 1e-10
+  assert _rel(diag.recomputed_objective, oracle.objective(W, Q, H)) < 1e-10

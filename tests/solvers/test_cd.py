@@ -50,7 +50,7 @@ def test_matches_literal_greedy_oracle(x64, rng, group_size, flavor, min_rows):
                           trace_every=1, min_phase_rows=min_rows)
   Q_ref, steps_ref, _ = oracle.greedy_cd(W, H, np.asarray(start.Q), s, z, 7, max_steps)
   assert _rel(oracle.objective(W, Q, H), oracle.objective(W, Q_ref, H)) < 1e-6
-  np.testing.assert_array_equal(np.asarray(diag["steps"]), steps_ref)
+  np.testing.assert_array_equal(np.asarray(diag.steps), steps_ref)
   np.testing.assert_allclose(np.asarray(Q), Q_ref, rtol=0, atol=1e-12)
 
 
@@ -60,17 +60,17 @@ def test_converges_to_one_opt_and_trace_is_monotone(x64, rng):
   start, s, z = _rtn_start(W, H, grid_cfg)
   Q, diag = refine_greedy(W, H, start.Q, start.grid, max_steps=10_000, resync_every=5,
                           trace_every=1, min_phase_rows=5)
-  assert int(diag["global_steps"]) < 10_000  # every row stopped at a 1-opt point
+  assert int(diag.global_steps) < 10_000  # every row stopped at a 1-opt point
   for r in range(W.shape[0]):
     gain, _, _ = oracle.best_single_move(W, H, np.asarray(Q), s, z, 3, r)
     assert gain >= -1e-12 * oracle.objective(W[r:r + 1], W[r:r + 1] * 0, H)
-  trace = np.asarray(diag["objective_trace"])
+  trace = np.asarray(diag.objective_trace)
   trace = trace[~np.isnan(trace)]
-  assert len(trace) == int(diag["global_steps"]) + 1
+  assert len(trace) == int(diag.global_steps) + 1
   assert np.all(np.diff(trace) <= 1e-12 * trace[0])
   assert np.all(np.diff(trace)[:-1] < 0) or len(trace) < 3
-  assert _rel(diag["tracked_objective"], diag["recomputed_objective"]) < 1e-10
-  assert _rel(diag["recomputed_objective"], oracle.objective(W, Q, H)) < 1e-10
+  assert _rel(diag.tracked_objective, diag.recomputed_objective) < 1e-10
+  assert _rel(diag.recomputed_objective, oracle.objective(W, Q, H)) < 1e-10
 
 
 def test_tracked_objective_equals_recomputed_f32(rng):
@@ -79,13 +79,13 @@ def test_tracked_objective_equals_recomputed_f32(rng):
   res = cd(W, H, cfg)
   _check_result(res, W, H)
   diag = res.diagnostics
-  assert _rel(diag["tracked_objective"], diag["recomputed_objective"]) < 1e-4
-  assert float(diag["max_resync_drift"]) < 1e-4
-  assert _rel(res.objective, diag["recomputed_objective"]) < 1e-5
-  assert diag["steps"].shape == (32,) and int(diag["steps"].max()) <= 128
-  trace = np.asarray(diag["objective_trace"])
+  assert _rel(diag.tracked_objective, diag.recomputed_objective) < 1e-4
+  assert float(diag.max_resync_drift) < 1e-4
+  assert _rel(res.objective, diag.recomputed_objective) < 1e-5
+  assert diag.steps.shape == (32,) and int(diag.steps.max()) <= 128
+  trace = np.asarray(diag.objective_trace)
   trace = trace[~np.isnan(trace)]
-  assert trace[0] == pytest.approx(float(diag["init_objective"]), rel=1e-5)
+  assert trace[0] == pytest.approx(float(diag.init_objective), rel=1e-5)
   assert np.all(np.diff(trace) <= 1e-5 * trace[0])
 
 
@@ -98,8 +98,8 @@ def test_cd_from_gptq_never_above_gptq(rng, act_order, group_size):
   _check_result(res, W, H)
   assert float(res.objective) <= float(ref.objective) * (1 + 1e-6)
   assert float(res.objective) < 0.95 * float(ref.objective)
-  assert float(res.diagnostics["init_objective"]) == pytest.approx(float(ref.objective), rel=1e-6)
-  assert "init_percdamp" in res.diagnostics
+  assert float(res.diagnostics.init_objective) == pytest.approx(float(ref.objective), rel=1e-6)
+  assert res.diagnostics.damping is not None
   np.testing.assert_array_equal(np.asarray(res.perm), np.asarray(ref.perm))
 
 
@@ -109,7 +109,7 @@ def test_cd_beats_its_rtn_start(rng, scale_search):
   res = cd(W, H, CDConfig(grid=GridConfig(bits=4, scale_search=scale_search), init=RTN_START,
                           resync_every=50))
   _check_result(res, W, H)
-  assert float(res.objective) < 0.7 * float(res.diagnostics["init_objective"])
+  assert float(res.objective) < 0.7 * float(res.diagnostics.init_objective)
 
 
 def test_refit_rounds_never_raise_the_objective(rng):
@@ -118,7 +118,7 @@ def test_refit_rounds_never_raise_the_objective(rng):
   base = cd(W, H, CDConfig(grid=grid_cfg, init=RTN_START))
   res = cd(W, H, CDConfig(grid=grid_cfg, init=RTN_START, refit_rounds=2))
   _check_result(res, W, H)
-  refits = np.asarray(res.diagnostics["refit_objectives"])
+  refits = np.asarray(res.diagnostics.refit_objectives)
   assert refits[0] <= float(base.objective) * (1 + 1e-6)
   assert float(res.objective) <= refits[-1] * (1 + 1e-6)
   assert float(res.objective) <= float(base.objective) * (1 + 1e-6)
@@ -168,7 +168,7 @@ def test_dead_columns(rng):
   assert np.all(np.isfinite(np.asarray(res.Q)))
   zero_codes = np.asarray(grids.quantize(jnp.zeros_like(res.Q), res.grid))
   np.testing.assert_array_equal(np.asarray(res.codes)[:, dead], zero_codes[:, dead])
-  assert float(res.objective) < float(res.diagnostics["init_objective"])
+  assert float(res.objective) < float(res.diagnostics.init_objective)
 
 
 def test_frozen_coordinates_keep_their_values(x64, rng):

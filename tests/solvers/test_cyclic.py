@@ -30,7 +30,7 @@ def test_matches_literal_cyclic_oracle(x64, rng, group_size, act_order):
   Q_ref, sweeps_ref = oracle.cyclic_cd(W, H, np.asarray(start.Q), s, z, 7, 3, order=order)
   assert _rel(oracle.objective(W, Q, H), oracle.objective(W, Q_ref, H)) < 1e-6
   np.testing.assert_allclose(np.asarray(Q), Q_ref, rtol=0, atol=1e-12)
-  assert int(diag["sweeps"]) == sweeps_ref
+  assert int(diag.rounds) == sweeps_ref
 
 
 def test_monotone_and_below_init(rng):
@@ -40,14 +40,14 @@ def test_monotone_and_below_init(rng):
   np.testing.assert_array_equal(np.asarray(res.Q), np.asarray(grids.dequantize(res.codes,
                                                                                res.grid)))
   ref = gptq(W, H, GPTQConfig(grid=grid_cfg))
-  assert float(res.diagnostics["init_objective"]) == pytest.approx(float(ref.objective), rel=1e-6)
+  assert float(res.diagnostics.init_objective) == pytest.approx(float(ref.objective), rel=1e-6)
   assert float(res.objective) < 0.95 * float(ref.objective)
-  trace = np.asarray(res.diagnostics["objective_trace"])
+  trace = np.asarray(res.diagnostics.objective_trace)
   trace = trace[~np.isnan(trace)]
-  assert len(trace) == int(res.diagnostics["sweeps"]) + 1
+  assert len(trace) == int(res.diagnostics.rounds) + 1
   assert np.all(np.diff(trace) <= 1e-6 * trace[0])
-  assert _rel(res.diagnostics["tracked_objective"], res.diagnostics["recomputed_objective"]) < 1e-4
-  assert _rel(res.objective, res.diagnostics["recomputed_objective"]) < 1e-5
+  assert _rel(res.diagnostics.tracked_objective, res.diagnostics.recomputed_objective) < 1e-4
+  assert _rel(res.objective, res.diagnostics.recomputed_objective) < 1e-5
 
 
 def test_fixed_point_is_one_opt_and_dead_columns(x64, rng):
@@ -55,7 +55,7 @@ def test_fixed_point_is_one_opt_and_dead_columns(x64, rng):
   dead = np.diag(H) == 0
   grid_cfg = GridConfig(bits=2, group_size=20)
   res = cyclic(W, H, CyclicConfig(grid=grid_cfg, init=InitConfig(method="rtn"), sweeps=50, blocksize=16))
-  assert int(res.diagnostics["sweeps"]) < 50  # reached a sweep without changes
+  assert int(res.diagnostics.rounds) < 50  # reached a sweep without changes
   s, z = (np.asarray(a) for a in res.grid.expand())
   W0 = np.where(dead[None, :], 0.0, W)
   for r in range(W.shape[0]):
@@ -82,4 +82,4 @@ def test_frozen_coordinates_keep_their_values(x64, rng):
   Q = np.asarray(Q)
   np.testing.assert_array_equal(Q[frozen], Q0[frozen])
   assert oracle.objective(W, Q, H) < oracle.objective(W, Q0, H)
-  assert _rel(diag["recomputed_objective"], oracle.objective(W, Q, H)) < 1e-10
+  assert _rel(diag.recomputed_objective, oracle.objective(W, Q, H)) < 1e-10

@@ -122,8 +122,8 @@ def test_damping_escalation_recovers_and_is_reported(rng):
   v /= np.linalg.norm(v)
   Hbad = H - (np.linalg.eigvalsh(H)[0] + 0.3 * np.mean(np.diag(H))) * np.outer(v, v)
   res = gptq(W, Hbad, GPTQConfig(grid=GridConfig(bits=4), percdamp=0.01))
-  assert int(res.diagnostics["escalations"]) >= 1
-  assert float(res.diagnostics["percdamp"]) > 0.01
+  assert int(res.diagnostics.damping.escalations) >= 1
+  assert float(res.diagnostics.damping.percdamp) > 0.01
 
 
 def test_damping_escalation_bounded_error_names_layer(rng):

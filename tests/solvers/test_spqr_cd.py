@@ -59,7 +59,7 @@ def test_spqr_cd_never_worse_keeps_grid_and_outliers(rng, fp16):
                     permutation_order="identity" if fp16 else "act_order")
   base = spqr(W, H, scfg)
   res = spqr_cd(W, H, _with_cd(scfg, rounds=2))
-  trace = np.asarray(res.diagnostics["objective_trace"])
+  trace = np.asarray(res.diagnostics.objective_trace)
   assert trace.shape == (5,)
   assert np.all(np.diff(trace) <= 0)
   assert float(res.objective) <= float(base.objective)
@@ -102,7 +102,7 @@ def test_bcd_refinement_is_monotone(rng):
   base = spqr(W, H, scfg)
   res = spqr_cd(W, H, _with_cd(scfg, refine="bcd", rounds=1))
   assert float(res.objective) < float(base.objective)
-  assert int(np.sum(np.asarray(res.diagnostics["cd_steps"]))) > 0
+  assert int(np.sum(np.asarray(res.diagnostics.steps))) > 0
   Q, mask = np.asarray(res.Q), np.asarray(res.outlier_mask)
   np.testing.assert_array_equal(Q[~mask], np.asarray(dequantize(res.codes, res.grid))[~mask])
   np.testing.assert_array_equal(np.asarray(res.outlier_mask), np.asarray(base.outlier_mask))

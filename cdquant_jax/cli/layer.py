@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   knobs.add_arguments(p)
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="any other config field by dotted path, e.g. --set resync_every=256")
-  p.add_argument("--layer-name", default="layer", help="name used in messages")
+  p.add_argument("--layer-name", help="name used in messages (default: the input file)")
   p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
   W, H = load_problem(args.input)
   cfg = build_config(args)
   start = time.perf_counter()
-  result = api.solve(args.method, W, H, cfg, layer=args.layer_name)
+  result = api.solve(args.method, W, H, cfg, layer=args.layer_name or args.input)
   result.Q.block_until_ready()
   seconds = time.perf_counter() - start
   summary = summarize(args.method, W, H, result, seconds, cfg)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+import jax.numpy as jnp
+
 from cdquant_jax import config as config_lib
 from cdquant_jax.solvers import knobs as knobs_lib
 from cdquant_jax.solvers.result import SolveResult
@@ -63,7 +65,13 @@ def solve(method: str, W, H, cfg: Any = None, *, layer: str = "?", **knobs: Any)
   cfg = knobs_lib.apply(cfg_cls() if cfg is None else cfg, knobs)
   if not isinstance(cfg, cfg_cls):
     raise TypeError(f"method {method!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
+  try:
+    result = fn(W, H, cfg, layer=layer)
+  except config_lib.ConfigError as e:  # a setting that does not fit this layer's shape
+    if str(e).startswith(f"layer {layer}"):
+      raise
+    raise config_lib.ConfigError(f"layer {layer} {list(jnp.shape(W))}: {e}") from e
   # The result records its method (direct solver calls leave "unknown"; see SolveResult).
-  return fn(W, H, cfg, layer=layer).replace(method=method)
+  return result.replace(method=method)
 
 

@@ -1,5 +1,6 @@
 """The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
-layer problem), `generate` (text from a quantized model), `demo` (the offline main job).
+layer problem), `generate` (text from a quantized model), `demo` (the offline main job), `report`
+(tables and plots of a sweep).
 
 Bad input ends every command with one line on stderr and exit code 2; -v shows the traceback
 (see cli/errors.py).
@@ -11,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize
+from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize, report
 
 VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
 
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
   layer.add_arguments(command("layer", "quantize one layer problem (W, H) npz"))
   generate.add_arguments(command("generate", "generate text with a quantized model"))
   demo.add_arguments(command("demo", "offline main job on the embedded default"))
+  report.add_arguments(command("report", "tables and plots of a sweep directory"))
   return parser
 
 
 COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
-            "generate": generate.run, "demo": demo.run}
+            "generate": generate.run, "demo": demo.run, "report": report.run}
 
 
 def main(argv: list[str] | None = None) -> int:

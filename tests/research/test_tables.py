@@ -196,3 +196,9 @@ def test_auto_digits_give_the_smallest_mean_three_significant_digits(rows):
   digits = tables.auto_digits(table)
   assert len(f"{smallest:.{digits}f}".replace(".", "").lstrip("0")) == 3
   assert tables.auto_digits(tables.pivot(results.done(rows), tables.PivotSpec(value=METRIC))) == 2
+
+
+def test_synthetic_rows_use_the_store_schema(rows):
+  """The fixture rows have only fields `research.store` writes (so the tests read real rows)."""
+  for row in rows + [synthetic.row("cd", 3, 0, None, mode="bank")]:
+    results.store.complete_row(row)  # raises on a field the store does not know

@@ -1,6 +1,7 @@
 """The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
 layer problem), `generate` (text from a quantized model), `demo` (the offline main job), `report`
-(tables and plots of a sweep).
+(tables and plots of a sweep), `sweep` (run a sweep of run configs), `bank` (a model's layer
+problems).
 
 Bad input ends every command with one line on stderr and exit code 2; -v shows the traceback
 (see cli/errors.py).
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize, report
+from cdquant_jax.cli import bank, sweep
 
 VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
 
@@ -35,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
   generate.add_arguments(command("generate", "generate text with a quantized model"))
   demo.add_arguments(command("demo", "offline main job on the embedded default"))
   report.add_arguments(command("report", "tables and plots of a sweep directory"))
+  sweep.add_arguments(command("sweep", "run a sweep of run configs (or --dry-run list it)"))
+  bank.add_arguments(command("bank", "write the layer problems (W, H) of a model"))
   return parser
 
 
 COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
-            "generate": generate.run, "demo": demo.run, "report": report.run}
+            "generate": generate.run, "demo": demo.run, "report": report.run,
+            "sweep": sweep.run, "bank": bank.run}
 
 
 def main(argv: list[str] | None = None) -> int:

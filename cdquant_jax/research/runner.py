@@ -11,7 +11,8 @@ Sequential points run the pipeline with calibration windows and tokenizations fr
 cache (`research.cache`); bank points solve every layer of the bank of their model and
 calibration data (`research.bank`, cached by content) and write RUN_DIR/log.jsonl and
 metrics.json. With jobs > 1 the points go to `jobs` spawned processes (`concurrent.futures`),
-each appending its own rows under the store's file lock; a worker process loads each model once.
+each appending its own rows under the store's file lock; a worker process loads each model once,
+and the banks of bank points are built by the parent before the points are handed out.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ import time
 import traceback
 from typing import Any, Callable
 
+import jax
+import jaxlib
+import numpy
+
+import cdquant_jax
 from cdquant_jax import config as config_lib
-from cdquant_jax import io_utils
+from cdquant_jax import data, io_utils
+from cdquant_jax.models import registry
+from cdquant_jax.models.aliases import resolve_model_path
+from cdquant_jax.models.errors import ModelLoadError
+from cdquant_jax.pipeline import checkpoint, memory, runlog, sequential
 from cdquant_jax.pipeline import config as run_lib
-from cdquant_jax.research import store
+from cdquant_jax.research import bank, cache, store
 from cdquant_jax.research import sweep as sweep_lib
+from cdquant_jax.solvers import api
+from cdquant_jax.solvers import knobs as knobs_lib
 
 ERROR_FILE = "error.txt"
 SWEEP_FILE = "sweep.json"
@@ -83,10 +95,6 @@ def git_state() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  import numpy  # pylint: disable=import-outside-toplevel
-  import cdquant_jax  # pylint: disable=import-outside-toplevel
   return dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
               numpy=numpy.__version__, cdquant_jax=cdquant_jax.__version__)
 
@@ -106,8 +114,6 @@ def one_line_error(error: BaseException) -> str:
 
 def effective_settings(quant: run_lib.QuantSettings) -> dict[str, Any]:
   """{method, bits, group_size, act_order} of the default method after quant.knobs."""
-  from cdquant_jax.solvers import api  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.solvers import knobs as knobs_lib  # pylint: disable=import-outside-toplevel
   cfg = knobs_lib.apply(api.config_from_dict(quant.method, quant.solvers.get(quant.method)),
                         quant.knobs.as_dict())
   out: dict[str, Any] = dict(method=quant.method)
@@ -150,9 +156,6 @@ _LOADED: dict[tuple, tuple] = {}  # (path, dtype) -> (model, params, tokenizer, 
 
 def load_model_once(model_source: run_lib.ModelSource) -> tuple:
   """The point's model, loaded once per process (only the latest model is kept)."""
-  from cdquant_jax.models import registry  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.models.aliases import resolve_model_path  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.models.errors import ModelLoadError  # pylint: disable=import-outside-toplevel
   key = (model_source.path, model_source.dtype)
   if key not in _LOADED:
     _LOADED.clear()
@@ -168,7 +171,6 @@ def load_model_once(model_source: run_lib.ModelSource) -> tuple:
 
 def _calibration(job: Job, run: run_lib.RunConfig):
   """(model, params, caching tokenizer, source dtypes, calibration ids) of the point."""
-  from cdquant_jax.research import cache  # pylint: disable=import-outside-toplevel
   model, params, tokenizer, dtypes = load_model_once(run.model)
   tok = cache.CachingTokenizer(tokenizer, job.cache_dir)
   ids = cache.calibration_ids(job.cache_dir, run.calibration, tok)
@@ -176,8 +178,6 @@ def _calibration(job: Job, run: run_lib.RunConfig):
 
 
 def _run_sequential(job: Job, run: run_lib.RunConfig, after_block, progress: bool) -> dict:
-  from cdquant_jax import data  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.pipeline import checkpoint, sequential  # pylint: disable=import-outside-toplevel
   model, params, tok, dtypes, ids = _calibration(job, run)
   resume = run.checkpoint != "none" and checkpoint.load_state(run.output_dir) is not None
   result = sequential.quantize_loaded(run, model, params, ids, tokenizer=tok, resume=resume,
@@ -194,7 +194,6 @@ def _point_bank(job: Job, run: run_lib.RunConfig) -> str:
   """The bank directory of the point: the sweep's bank_dir, else the cached bank."""
   if job.bank_dir is not None:
     return job.bank_dir
-  from cdquant_jax.research import bank  # pylint: disable=import-outside-toplevel
   key = sweep_lib.canonical_json([config_lib.to_dict(run.model), config_lib.to_dict(
       run.calibration), job.blocks, run.forward_batch_size, job.cache_dir])
   if key not in _BANKS:
@@ -204,8 +203,6 @@ def _point_bank(job: Job, run: run_lib.RunConfig) -> str:
 
 
 def _run_bank(job: Job, run: run_lib.RunConfig) -> dict:
-  from cdquant_jax.pipeline import memory, runlog, sequential  # pylint: disable=import-outside-toplevel
-  from cdquant_jax.research import bank  # pylint: disable=import-outside-toplevel
   bank_dir = _point_bank(job, run)
   records = bank.solve_bank(bank_dir, run.quant)
   summary = sequential.summarize(records)
@@ -271,7 +268,6 @@ def plan(sweep: sweep_lib.SweepConfig, out: str | None = None, cache: str | None
 
 def check_bank_matches(bank_dir: str, points: list[sweep_lib.Point]) -> None:
   """ConfigError when a point's model or calibration settings differ from the bank's."""
-  from cdquant_jax.research import bank  # pylint: disable=import-outside-toplevel
   info = bank.read_bank(bank_dir)
   for p in points:
     calibration = config_lib.to_dict(p.run.calibration)
@@ -327,9 +323,21 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
       results[job.name] = run_point(job, after_block=hook, progress=progress)["status"]
       report(f"[{k}/{len(all_jobs)}] {job.name}: {results[job.name]}")
   else:
-    results = _run_parallel(all_jobs, jobs, report)
+    results = _run_parallel([_with_bank(job) for job in all_jobs], jobs, report)
   return SweepOutcome(directory, skipped, tuple(n for n, s in results.items() if s == "done"),
                       tuple(n for n, s in results.items() if s != "done"))
+
+
+def _with_bank(job: Job) -> Job:
+  """A bank point with its bank built here first (once per model and data, not per worker);
+  unchanged when building fails (its worker then records the error)."""
+  if job.mode != "bank" or job.bank_dir is not None:
+    return job
+  try:
+    run = run_lib.run_config_from_dict(job.run)
+    return dataclasses.replace(job, bank_dir=_point_bank(job, run))
+  except Exception:  # pylint: disable=broad-except  # recorded by the worker
+    return job
 
 
 def _run_parallel(all_jobs: list[Job], jobs: int, report) -> dict[str, str]:

@@ -244,8 +244,8 @@ def _check_disjoint(sweep: SweepConfig) -> None:
   """ConfigError when two dimensions set the same path (variants may share paths: they are
   the values of one dimension). The overrides are part of the base, so dimensions may set
   their paths."""
-  owners: list[tuple[str, str]] = [(p, f"variant {n}") for n, c in sweep.variants.items() if isinstance(c, dict)
-             for p in c]
+  owners: list[tuple[str, str]] = [(p, f"variant {n}") for n, c in sweep.variants.items()
+                                   if isinstance(c, dict) for p in c]
   owners += [(p, f"axis {p}") for p in sweep.axes]
   owners += [(p, f"zip {i}") for i, g in enumerate(sweep.zip) for p in g]
   owners += [(SEED_PATH, "seeds")] if sweep.seeds else []

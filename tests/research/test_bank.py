@@ -118,3 +118,19 @@ def test_bank_sweep_objectives_equal_direct_solves(fixture, tmp_path):
   by = {(r["method"], r["bits"]): r["objective_sum"] for r in rows}
   assert by["cd", 2] <= by["gptq", 2] and by["cd", 3] <= by["gptq", 3]
   assert by["gptq", 3] < by["gptq", 2]
+
+
+def test_bank_sweep_with_two_jobs_builds_one_bank_and_gives_the_same_layers(fixture, tmp_path):
+  spec = config_lib.from_dict(sweep.SweepConfig, dict(
+      name="tiny_bank", mode="bank", blocks=[1], base=tiny_model.run_dict(fixture),
+      axes={"quant.knobs.bits": [2, 3]}))
+  rows = {}
+  for jobs in (1, 2):
+    out = str(tmp_path / f"jobs{jobs}")
+    runner.run_sweep(spec, out=out, jobs=jobs)
+    rows[jobs] = {r["point"]: r for r in store.read_rows(store.results_file(out))}
+    assert len(os.listdir(os.path.join(out, "cache", "banks"))) == 1
+  assert rows[1].keys() == rows[2].keys() and len(rows[1]) == 2
+  for point, row in rows[1].items():
+    strip = lambda layers: [{k: v for k, v in l.items() if k != "seconds"} for l in layers]
+    assert strip(rows[2][point]["layers"]) == strip(row["layers"])

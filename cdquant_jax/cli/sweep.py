@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
   errors.require(args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}")
   with errors.about(args.config):
     spec = sweep.load_sweep(args.config)
-    directory, points, done = runner.plan(spec, args.out, args.cache)
+    directory, points, done = runner.plan(spec, args.out)
   if args.dry_run:
     print(format_points(spec, directory, points, done))
     return 0

@@ -256,10 +256,11 @@ def _worker(job: Job) -> tuple[str, str]:
 # The sweep.
 
 
-def plan(sweep: sweep_lib.SweepConfig, out: str | None = None, cache: str | None = None
+def plan(sweep: sweep_lib.SweepConfig, out: str | None = None
          ) -> tuple[str, list[sweep_lib.Point], set[str]]:
-  """(SWEEP_DIR, points, hashes of the points already done)."""
-  directory = sweep_lib.sweep_dir(sweep, out)
+  """(SWEEP_DIR as an absolute path, points, hashes of the points already done); the rows'
+  run_dir are absolute too, so reports find them from any working directory."""
+  directory = os.path.abspath(sweep_lib.sweep_dir(sweep, out))
   points = sweep_lib.expand(sweep, directory)
   if sweep.mode == "bank" and sweep.bank_dir is not None:
     check_bank_matches(sweep.bank_dir, points)
@@ -308,7 +309,7 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
   """
   if jobs < 1:
     raise config_lib.ConfigError(f"jobs must be >= 1, got {jobs}")
-  directory, points, done = plan(sweep, out, cache)
+  directory, points, done = plan(sweep, out)
   os.makedirs(directory, exist_ok=True)
   _write_sweep_file(sweep, directory, points)
   todo = [p for p in points if p.hash not in done]

@@ -15,6 +15,7 @@ and every damping tried is raised if none works. There is no silent fallback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Literal
 
@@ -50,8 +51,9 @@ class HessianState:
     return cls(H=jnp.zeros((d_in, d_in), jnp.float32), n=jnp.zeros((), jnp.float32))
 
 
-@jax.jit
-def _accumulate(state: HessianState, x: jax.Array) -> tuple[HessianState, jax.Array]:
+def accumulate_batch(state: HessianState, x: jax.Array) -> tuple[HessianState, jax.Array]:
+  """Traceable core of `accumulate` (for use inside a caller's jit): the updated state and a
+  bool scalar, whether every value of x is finite. No checks."""
   b = x.shape[0]
   # [b, ..., d_in] -> [tokens, d_in]
   tokens = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -61,6 +63,9 @@ def _accumulate(state: HessianState, x: jax.Array) -> tuple[HessianState, jax.Ar
   H = state.H * (state.n / n) + hdot(scaled.T, scaled)
   finite = jnp.all(jnp.isfinite(tokens))
   return HessianState(H=H, n=n), finite
+
+
+_accumulate = jax.jit(accumulate_batch)
 
 
 def accumulate(state: HessianState, x: jax.Array, *, layer: str = "?") -> HessianState:
@@ -94,21 +99,31 @@ def hessian_from_inputs(X: jax.Array, *, layer: str = "?") -> jax.Array:
 # Validation.
 
 
+@jax.jit
+def _problem_stats(W: jax.Array, H: jax.Array) -> dict[str, jax.Array]:
+  """NaN/Inf counts of W and H, max |H| and max |H − Hᵀ| (scalars), in one device program."""
+  return dict(bad_W=jnp.sum(~jnp.isfinite(W)), bad_H=jnp.sum(~jnp.isfinite(H)),
+              scale=jnp.max(jnp.abs(H)), asym=jnp.max(jnp.abs(H - H.T)))
+
+
 def check_layer_problem(W, H, *, layer: str = "?") -> None:
-  """Raises ValueError/HessianError naming the problem if (W, H) is not a valid layer problem."""
-  W, H = np.asarray(W), np.asarray(H)
-  if W.ndim != 2:
-    raise ValueError(f"layer {layer}: W must be 2-D [d_out, d_in], got shape {W.shape}")
-  if H.ndim != 2 or H.shape[0] != H.shape[1]:
-    raise HessianError(f"layer {layer}: H must be square, got shape {H.shape}")
-  if H.shape[0] != W.shape[1]:
-    raise ValueError(f"layer {layer}: W has d_in={W.shape[1]} but H is {H.shape[0]}x{H.shape[1]}")
-  if not np.all(np.isfinite(W)):
-    raise ValueError(f"layer {layer}: W has {int(np.sum(~np.isfinite(W)))} NaN/Inf values")
-  if not np.all(np.isfinite(H)):
-    raise HessianError(f"layer {layer}: H has {int(np.sum(~np.isfinite(H)))} NaN/Inf values")
-  scale = max(float(np.max(np.abs(H))), 1e-30)
-  asym = float(np.max(np.abs(H - H.T))) / scale
+  """Raises ValueError/HessianError naming the problem if (W, H) is not a valid layer problem.
+
+  Shapes are checked on the host; values with one small device program and one host sync.
+  """
+  W_shape, H_shape = np.shape(W), np.shape(H)
+  if len(W_shape) != 2:
+    raise ValueError(f"layer {layer}: W must be 2-D [d_out, d_in], got shape {W_shape}")
+  if len(H_shape) != 2 or H_shape[0] != H_shape[1]:
+    raise HessianError(f"layer {layer}: H must be square, got shape {H_shape}")
+  if H_shape[0] != W_shape[1]:
+    raise ValueError(f"layer {layer}: W has d_in={W_shape[1]} but H is {H_shape[0]}x{H_shape[1]}")
+  stats = jax.device_get(_problem_stats(jnp.asarray(W), jnp.asarray(H)))
+  if stats["bad_W"]:
+    raise ValueError(f"layer {layer}: W has {int(stats['bad_W'])} NaN/Inf values")
+  if stats["bad_H"]:
+    raise HessianError(f"layer {layer}: H has {int(stats['bad_H'])} NaN/Inf values")
+  asym = float(stats["asym"]) / max(float(stats["scale"]), 1e-30)
   if asym > 1e-4:
     raise HessianError(f"layer {layer}: H is not symmetric (max |H - Hᵀ| / max |H| = {asym:.3g})")
 
@@ -158,19 +173,30 @@ def damp_and_fix_dead(H: jax.Array, W: jax.Array, percdamp: float | jax.Array,
 def inverse_cholesky_upper(H: jax.Array) -> jax.Array:
   """U upper triangular with H⁻¹ = Uᵀ U (GPTQ's `cholesky(cholesky_inverse(cholesky(H)), upper)`).
 
+  Computed without forming H⁻¹: with J the reversal permutation and J H J = L̃ L̃ᵀ (Cholesky),
+  H = R Rᵀ for the upper triangular R = J L̃ J, so H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L̃⁻¹ J (the
+  unique upper factor with a positive diagonal): one Cholesky and one triangular inverse
+  instead of two Choleskys, a triangular inverse and a matmul, and more accurate.
   Returns NaNs when H is not numerically positive definite (checked by the callers).
   """
-  L = jnp.linalg.cholesky(H)
+  # [d_in, d_in] reversed in both axes: J H J.
+  L = jnp.linalg.cholesky(H[::-1, ::-1])
   eye = jnp.eye(H.shape[0], dtype=H.dtype)
-  Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
-  # H⁻¹ = L⁻ᵀ L⁻¹
-  Hinv = hdot(Linv.T, Linv)
-  Hinv = 0.5 * (Hinv + Hinv.T)
-  return jnp.linalg.cholesky(Hinv).T
+  Linv = jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
+  return Linv[::-1, ::-1]
 
 
-def _factor_ok(U: jax.Array) -> bool:
-  return bool(jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0))
+def factor_ok(U: jax.Array) -> jax.Array:
+  """bool scalar: U is a usable factor (finite, positive diagonal)."""
+  return jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
+
+
+@functools.partial(jax.jit, static_argnames="order")
+def _damped_factor(H: jax.Array, W: jax.Array, percdamp: jax.Array, order: DampOrder):
+  """One damping attempt in one device program: (damped H, W, U, absolute damp, factor ok)."""
+  Hd, Wd, damp = damp_and_fix_dead(H, W, percdamp, order)
+  U = inverse_cholesky_upper(Hd)
+  return Hd, Wd, U, damp, factor_ok(U)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +239,10 @@ def prepare_hessian(H: jax.Array, W: jax.Array, percdamp: float, *, order: DampO
   tried = []
   current = float(percdamp)
   for step in range(max_escalations + 1):
-    Hd, Wd, damp = damp_and_fix_dead(H, W, current, order)
-    U = inverse_cholesky_upper(Hd)
+    Hd, Wd, U, damp, ok = _damped_factor(H, W, jnp.asarray(current, H.dtype), order)
     tried.append(current)
-    if _factor_ok(U):
+    ok, damp = jax.device_get((ok, damp))  # the one host sync of an attempt
+    if ok:
       return PreparedHessian(H=Hd, W=Wd, U=U, percdamp=current, damp=float(damp),
                              escalations=step)
     nxt = current * escalation_factor if current > 0 else 0.01

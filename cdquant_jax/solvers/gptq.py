@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,9 @@ class GPTQConfig(GPTQOptions):
 def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResult:
   """Quantizes W [d_out, d_in] with GPTQ on the layer Hessian H [d_in, d_in].
 
+  Runs as three device programs compiled once per shape and config (`_start`, one damped
+  factorisation per damping attempt, `_sweep_result`) with one host sync per attempt.
+
   Returns:
     SolveResult with Q and codes in the original column order, the grid (group_index in
     original order), the processing permutation and Diagnostics: gptq_loss (the reference's
@@ -112,43 +116,73 @@ def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResu
   hessian.check_layer_problem(W, H, layer=layer)
   W = jnp.asarray(W)
   H = jnp.asarray(H, W.dtype)
-  d_out, d_in = W.shape
-  cfg.validate(d_in)
-  n_groups, g = cfg.grid.groups(d_in)
+  cfg.validate(W.shape[1])
+  start = _start(W, H, cfg=cfg)
+  prep = hessian.prepare_hessian(start.Hp, start.Wp, cfg.percdamp, order="gptq",
+                                 max_escalations=cfg.max_damp_escalations, layer=layer)
+  return _sweep_result(W, H, start, prep.W, prep.U, Damping.of(prep), cfg=cfg)
 
+
+class _Start(NamedTuple):
+  """The permuted problem and fixed parameters of a GPTQ sweep (see `_start`)."""
+
+  row_grid: grids.Grid
+  fixed: grids.Grid
+  perm: jax.Array
+  Wp: jax.Array
+  Hp: jax.Array
+  fixed_scale: jax.Array
+  fixed_zero: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _start(W, H, *, cfg: GPTQConfig) -> _Start:
+  """Grids, dead columns and processing order of the problem (W [d_out, d_in], H [d_in, d_in]).
+
+  Returns the per-channel grid, the fixed grid (per channel or static groups), the processing
+  permutation, W and H with dead columns fixed in processing order, and the parameters of each
+  processed column, [d_out, d_in] (used when the grid is fixed during the sweep).
+  """
+  d_in = W.shape[1]
   # Per-channel parameters come from the ORIGINAL W (the reference fits them before zeroing
   # dead columns); static groups from the dead-zeroed W.
   row_grid = grids.fit_grid(W, dataclasses.replace(cfg.grid, group_size=-1), H)
   dead = hessian.dead_columns(H)
   H1, W1 = hessian.fix_dead(H, W, dead)
   static_grid = grids.fit_grid(W1, cfg.grid, H1) if cfg.static_groups else row_grid
-
   perm = (hessian.act_order_permutation(H1) if cfg.act_order
           else jnp.arange(d_in, dtype=jnp.int32))
   Wp, Hp = hessian.permute(W1, H1, perm)
-  prep = hessian.prepare_hessian(Hp, Wp, cfg.percdamp, order="gptq",
-                                 max_escalations=cfg.max_damp_escalations, layer=layer)
-
-  per_channel = cfg.grid.group_size == -1
-  fixed = row_grid if per_channel else static_grid
+  fixed = row_grid if cfg.grid.group_size == -1 else static_grid
   # Parameters of each processed column: [d_out, d_in] gathered in processing order.
   fixed_scale = jnp.take(fixed.scale, jnp.take(fixed.group_index, perm), axis=1)
   fixed_zero = jnp.take(fixed.zero, jnp.take(fixed.group_index, perm), axis=1)
-  Qp, codes_p, scale, zero, loss = _sweep(prep.W, prep.U, fixed_scale, fixed_zero, cfg=cfg,
-                                          dynamic=not (per_channel or cfg.static_groups))
+  return _Start(row_grid=row_grid, fixed=fixed, perm=perm, Wp=Wp, Hp=Hp,
+                fixed_scale=fixed_scale, fixed_zero=fixed_zero)
 
-  inv = hessian.inverse_permutation(perm)
-  if per_channel or cfg.static_groups:
-    grid = fixed
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _sweep_result(W, H, start: _Start, Wd, U, damping: Damping, *, cfg: GPTQConfig
+                  ) -> SolveResult:
+  """The sweep on the damped problem (Wd, U in processing order) and its SolveResult in the
+  original column order (objective on the undamped H)."""
+  d_in = W.shape[1]
+  fixed_grid = cfg.grid.group_size == -1 or cfg.static_groups
+  Qp, codes_p, scale, zero, loss = _sweep(Wd, U, start.fixed_scale, start.fixed_zero, cfg=cfg,
+                                          dynamic=not fixed_grid)
+  inv = hessian.inverse_permutation(start.perm)
+  if fixed_grid:
+    grid = start.fixed
   else:
     # Groups are contiguous in processing order: column perm[j] belongs to group j // g.
+    _, g = cfg.grid.groups(d_in)
     group_index = (jnp.arange(d_in, dtype=jnp.int32) // g)[inv]
-    grid = dataclasses.replace(row_grid, scale=scale, zero=zero, group_index=group_index)
+    grid = dataclasses.replace(start.row_grid, scale=scale, zero=zero, group_index=group_index)
   Q = Qp[:, inv]
   return SolveResult(
-      Q=Q, codes=codes_p[:, inv], grid=grid, perm=perm, objective=layer_objective(W, Q, H),
-      outlier_mask=no_outliers(W),
-      diagnostics=Diagnostics(gptq_loss=loss, damping=Damping.of(prep)))
+      Q=Q, codes=codes_p[:, inv], grid=grid, perm=start.perm,
+      objective=layer_objective(W, Q, H), outlier_mask=no_outliers(W),
+      diagnostics=Diagnostics(gptq_loss=loss, damping=damping))
 
 
 def _pad_problem(W, U, fixed_scale, fixed_zero, blocksize: int):

@@ -39,9 +39,12 @@ class CausalLM:
     raise NotImplementedError
 
   def block(self, layer_params: Params, h: jax.Array, positions: jax.Array, layer_index: int,
-            cache: Params | None = None, capture: bool = False):
+            cache: Params | None = None, capture: bool = False,
+            given: dict[Path, jax.Array] | None = None):
     """One decoder block: h [B, T, D] -> (h, cache), or (h, cache, inputs) with capture=True,
-    where inputs maps each linear's path (see `block_linears`) to its input [B, T, d_in]."""
+    where inputs maps each linear's path (see `block_linears`) to its input [B, T, d_in].
+    given: linear path -> input [B, T, d_in] to use instead of computing it
+    (`layers.LinearRecorder`)."""
     raise NotImplementedError
 
   def head(self, params: Params, h: jax.Array) -> jax.Array:

@@ -35,9 +35,10 @@ class Falcon(CausalLM):
     del positions
     return jnp.take(params["word_embeddings"]["weight"], ids, axis=0)
 
-  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
+  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False,
+            given=None):
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options, given)
     if c.num_parallel_norms == 2:
       x_attn = layers.norm(h, layer_params["ln_attn"], c)
       x_mlp = layers.norm(h, layer_params["ln_mlp"], c)

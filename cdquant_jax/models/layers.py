@@ -12,7 +12,7 @@ forward pass reads a weight, so a quantized weight container only has to be hand
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -68,16 +68,22 @@ class LinearRecorder:
 
   `rec(("self_attn", "q_proj"), x)` = `linear(x, layer_params["self_attn"]["q_proj"])`; with
   capture=True, `rec.inputs[path]` is x [B, T, d_in] (the Hessian input of that linear).
-  Pure Python bookkeeping at trace time, so it works under jit. `options`: see `linear`.
+  `given` maps paths to inputs computed earlier: such a linear runs on (and records) the given
+  array instead of x, so under jit the computation of x is dead code when nothing else uses it
+  (the pipeline reuses captured inputs this way). Pure Python bookkeeping at trace time, so it
+  works under jit. `options`: see `linear`.
   """
 
   def __init__(self, layer_params: Params, capture: bool,
-               options: LinearOptions = LinearOptions()):
+               options: LinearOptions = LinearOptions(),
+               given: Mapping[Path, jax.Array] | None = None):
     self.layer_params = layer_params
     self.options = options
+    self.given = given or {}
     self.inputs: dict[Path, jax.Array] | None = {} if capture else None
 
   def __call__(self, path: Path, x: jax.Array) -> jax.Array:
+    x = self.given.get(path, x)
     if self.inputs is not None:
       self.inputs[path] = x
     return linear(x, get_path(self.layer_params, path), self.options)

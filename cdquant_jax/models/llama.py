@@ -44,9 +44,10 @@ class LlamaLike(CausalLM):
       h = h * jnp.asarray(self.config.embed_scale, h.dtype)
     return h
 
-  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
+  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False,
+            given=None):
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options, given)
     x = layers.norm(h, layer_params["input_layernorm"], c)
     attn_out, cache = self._attention(lin, x, positions, layer_index, cache)
     if c.post_norms:

@@ -35,10 +35,11 @@ class OPT(CausalLM):
     pos = jnp.take(params["embed_positions"]["weight"], positions + c.position_offset, axis=0)
     return h + pos.astype(h.dtype)
 
-  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False):
+  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False,
+            given=None):
     del positions
     c = self.config
-    lin = layers.LinearRecorder(layer_params, capture, self.linear_options)
+    lin = layers.LinearRecorder(layer_params, capture, self.linear_options, given)
     b, t, _ = h.shape
     x = layers.norm(h, layer_params["self_attn_layer_norm"], c) if c.pre_norm else h
     # [B, T, D] -> [B, T, H, Dh]

@@ -29,6 +29,12 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 
 METHODS = tuple(_REGISTRY)
 
+# Methods whose output rows are independent problems given H (every rule is per row or per
+# row and group; the Hessian preparation depends on H alone): solving linears that share H as
+# one stacked [Σ d_out, d_in] problem gives each the result of its own solve (up to float
+# rounding of the shared matmuls), and the preparation and column loops run once.
+ROW_SEPARABLE = ("rtn", "gptq", "cd")
+
 
 def _lookup(method: str) -> tuple[type, Callable[..., SolveResult]]:
   if method not in _REGISTRY:

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from cdquant_jax._numerics import layer_objective
 from cdquant_jax.quant.grids import Grid
 from cdquant_jax.solvers.diagnostics import Diagnostics
 
@@ -96,6 +97,25 @@ class SolveResult:
 
   def replace(self, **changes) -> "SolveResult":
     return dataclasses.replace(self, **changes)
+
+  def rows(self, start: int, stop: int, W: jax.Array, H: jax.Array) -> "SolveResult":
+    """Output rows [start, stop) of a row-separable solve (`api.ROW_SEPARABLE`) as a result of
+    their own, with the objective of W [stop − start, d_in] (those rows' weights) on H.
+
+    Per-row diagnostics (`steps`) are sliced; layer-wide ones (damping, traces, totals)
+    describe the joint solve.
+    """
+    if self.spqr is not None:
+      raise ValueError("SpQR results are not row-separable")
+    grid = dataclasses.replace(self.grid, scale=self.grid.scale[start:stop],
+                               zero=self.grid.zero[start:stop])
+    steps = self.diagnostics.steps
+    Q = self.Q[start:stop]
+    return self.replace(Q=Q, codes=self.codes[start:stop], grid=grid,
+                        objective=layer_objective(W, Q, H),
+                        outlier_mask=self.outlier_mask[start:stop],
+                        diagnostics=self.diagnostics.replace(
+                            steps=None if steps is None else steps[start:stop]))
 
 
 def no_outliers(W: jax.Array) -> jax.Array:

@@ -71,6 +71,22 @@ def perplexity(logits_fn: Callable[[jax.Array], jax.Array], ids, *, seqlen: int,
   Returns:
     dict(ppl, nll_sum, n_tokens, n_windows, dropped_tokens): nll in nats.
   """
+
+  def nll_fn(batch):
+    logits = logits_fn(batch)
+    if logits.shape[:2] != batch.shape:
+      raise ValueError(f"logits_fn returned shape {logits.shape} for ids {batch.shape}; "
+                       "expected [B, T, V]")
+    return window_nll(logits, batch)
+
+  return perplexity_from_nll(nll_fn, ids, seqlen=seqlen, batch_size=batch_size,
+                             progress=progress)
+
+
+def perplexity_from_nll(nll_fn: Callable[[jax.Array], jax.Array], ids, *, seqlen: int,
+                        batch_size: int = 1, progress: bool = False) -> dict:
+  """`perplexity` with `nll_fn`: ids [B, T] int32 -> [B] summed window NLLs (`window_nll` of
+  the model's logits; a caller can fuse it with its forward). Same protocol and result."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   windows = split_windows(ids, seqlen)
@@ -79,20 +95,18 @@ def perplexity(logits_fn: Callable[[jax.Array], jax.Array], ids, *, seqlen: int,
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     starts = tqdm(starts, desc="perplexity", unit="batch")
-  nll_sum = 0.0
+  per_batch = []
   for start in starts:
     batch = windows[start:start + batch_size]
     n_real = batch.shape[0]
     if n_real < batch_size:
       pad = np.repeat(batch[-1:], batch_size - n_real, axis=0)
       batch = np.concatenate([batch, pad], axis=0)
-    batch = jnp.asarray(batch)
-    logits = logits_fn(batch)
-    if logits.shape[:2] != batch.shape:
-      raise ValueError(f"logits_fn returned shape {logits.shape} for ids {batch.shape}; "
-                       "expected [B, T, V]")
-    per_window = np.asarray(window_nll(logits, batch), dtype=np.float64)
-    nll_sum += float(per_window[:n_real].sum())
+    # Dispatched without waiting; the host sums once all batches are queued.
+    per_batch.append((nll_fn(jnp.asarray(batch)), n_real))
+  nll_sum = 0.0
+  for per_window, n_real in per_batch:
+    nll_sum += float(np.asarray(per_window, dtype=np.float64)[:n_real].sum())
   n_tokens = n_windows * (seqlen - 1)
   return dict(ppl=math.exp(nll_sum / n_tokens), nll_sum=nll_sum, n_tokens=n_tokens,
               n_windows=n_windows, dropped_tokens=int(np.asarray(ids).size - n_windows * seqlen))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from cdquant_jax import data
-from cdquant_jax.eval.perplexity import perplexity
+from cdquant_jax.eval.perplexity import perplexity_from_nll
 from cdquant_jax.pipeline import capture
 from cdquant_jax.pipeline.config import EvalSettings
 
@@ -24,8 +24,8 @@ def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
   params: dense params (see `export.dense_params`); moved to the device once.
   """
   params = jax.device_put(params)
-  result = perplexity(capture.block_logits_fn(model, params), ids, seqlen=seqlen,
-                      batch_size=batch_size, progress=progress)
+  result = perplexity_from_nll(capture.block_nll_fn(model, params), ids, seqlen=seqlen,
+                               batch_size=batch_size, progress=progress)
   return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
 
 

@@ -20,6 +20,7 @@ wrote back into the model while quantizing, so evaluation reproduces it exactly)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -166,9 +167,10 @@ def load_quantized_model(directory: str):
   return model, params, tok
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantized_weight(qw: QuantizedWeight, dtype) -> jax.Array:
   """The dequantized [d_out, d_in] weight, outliers included, in the model dtype (as written back
-  while quantizing)."""
+  while quantizing; one compiled program per weight format and shape)."""
   return qweight.dequantize(qw).astype(dtype)
 
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdquant_jax import compilation, data, io_utils
 from cdquant_jax import config as config_lib
-from cdquant_jax import data, io_utils
 from cdquant_jax._numerics import layer_objective, reference_energy
 from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
@@ -98,10 +98,14 @@ class RunObserver:
 
 
 class QuantizedRun:
-  """What `quantize_loaded` returns: metrics, dense quantized params, packed weights, log."""
+  """What `quantize_loaded` returns: metrics, dense quantized params, packed weights, log, and
+  the compile work of the run (`compilation.CompileStats.report`: compile_seconds, inside the
+  metrics' times, programs_compiled, cache_hits)."""
 
-  def __init__(self, metrics: dict, params: Params, qweights: dict, records: list[dict]):
+  def __init__(self, metrics: dict, params: Params, qweights: dict, records: list[dict],
+               compile_report: dict | None = None):
     self.metrics, self.params, self.qweights, self.records = metrics, params, qweights, records
+    self.compile = compile_report or {}
 
 
 @dataclasses.dataclass
@@ -146,6 +150,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   run.validate()
   os.makedirs(run.output_dir, exist_ok=True)
   obs = RunObserver(progress)
+  compiles = compilation.CompileStats()
   params = jax.device_get(params)  # host copy; blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
@@ -170,7 +175,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   metrics = _finish(run, model, state.params, state.qweights, state.records, tokenizer, progress,
                     baseline, obs.timer, source_dtypes)
   checkpoint.clear(run.output_dir)
-  return QuantizedRun(metrics, state.params, state.qweights, state.records)
+  return QuantizedRun(metrics, state.params, state.qweights, state.records, compiles.report())
 
 
 def _resume_or_start(run, model, params, fp, resume: bool, timer: Timer) -> RunState:
@@ -196,15 +201,12 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
                             sharing: dict, nsamples: int, obs: RunObserver) -> capture.Activations:
   """Quantizes block i (updating `state`) and returns the inputs of block i + 1."""
   layer_params = jax.device_put(model.layer_params(state.params, i))
-  kind = capture.kind_index(model, i)
-  if kind not in sharing:  # which linears share an input, once per kind of block
-    first = next(iter(acts))
-    sharing[kind] = capture.shared_input_classes(model, layer_params, first.shape, first.dtype,
-                                                 kind)
+  classes = _input_classes(model, layer_params, acts, i, sharing)
   obs.phase("transfer_seconds")
+  kept = _kept_inputs(run, acts)
   layer_params, block_qw, block_records = quantize_block(run, model, layer_params, acts, i,
-                                                         sharing[kind], nsamples, obs)
-  acts = capture.block_outputs(model, layer_params, acts, i)
+                                                         classes, nsamples, obs, kept=kept)
+  acts = capture.block_outputs(model, layer_params, acts, i, kept)
   obs.phase("propagate_seconds")
   state.params = model.set_layer_params(state.params, i, jax.device_get(layer_params))
   state.qweights.update(block_qw)
@@ -212,6 +214,38 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
   state.block = i + 1
   obs.phase("transfer_seconds")
   return acts
+
+
+def _input_classes(model, layer_params, acts: capture.Activations, i: int,
+                   sharing: dict) -> list[list[Path]]:
+  """Which linears of block i share an input (found once per kind of block, cached in
+  `sharing`)."""
+  kind = capture.kind_index(model, i)
+  if kind not in sharing:
+    first = next(iter(acts))
+    sharing[kind] = capture.shared_input_classes(model, layer_params, first.shape, first.dtype,
+                                                 kind)
+  return sharing[kind]
+
+
+def _kept_inputs(run: RunConfig, acts: capture.Activations) -> capture.LinearInputs | None:
+  """Storage for the block's captured linear inputs, when the run keeps them (see RunConfig)."""
+  if not (run.keep_linear_inputs and run.quant.true_sequential):
+    return None
+  return capture.LinearInputs(len(acts.batches), acts.on_host)
+
+
+def replay_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations, i: int,
+                 classes: list[list[Path]]) -> capture.Activations:
+  """The outputs of the quantized block i exactly as the run computed them: with kept inputs,
+  the group captures run again (the same programs on the same values) before the propagation,
+  so a resumed run is bit-identical to an uninterrupted one."""
+  kept = _kept_inputs(run, acts)
+  if kept is not None:
+    for plan in group_plans(run, model, i, classes):
+      capture.group_hessians(model, layer_params, acts, i, plan.reps, kept=kept,
+                             sharing=plan.sharing)
+  return capture.block_outputs(model, layer_params, acts, i, kept)
 
 
 def _checkpoint(run, fp, state: RunState, acts: capture.Activations, i: int,
@@ -244,9 +278,11 @@ def _initial_activations(run, model, state: RunState, ids) -> capture.Activation
     return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host)
   embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
   acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host)
+  sharing: dict[int, list[list[Path]]] = {}
   for i in range(state.block):
     layer = jax.device_put(model.layer_params(state.params, i))
-    acts = capture.block_outputs(model, layer, acts, i)
+    acts = replay_block(run, model, layer, acts, i, _input_classes(model, layer, acts, i,
+                                                                   sharing))
   return acts
 
 
@@ -264,17 +300,31 @@ def _with_quantized(model, params: Params, qweights: dict) -> Params:
   return params
 
 
-def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations,
-                   layer_index: int, classes: list[list[Path]], nsamples: int,
-                   obs: RunObserver) -> tuple[Params, dict, list[dict]]:
-  """Quantizes every included linear of one block, group by group (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+  """One capture of a block: the included linears of a true-sequential group (or of the whole
+  block) and the linears whose inputs are captured for them.
 
-  Returns (block params with dequantized weights, {module: QuantizedWeight}, log records).
+  Attributes:
+    names: included linear path -> module name.
+    rep_of: included path -> its representative (the first included linear with its input).
+    reps: representative path -> module name (one per distinct input).
+    sharing: representative -> every linear path with its input (kept inputs serve them all).
   """
-  qweights, records = {}, []
+
+  names: dict[Path, str]
+  rep_of: dict[Path, Path]
+  reps: dict[Path, str]
+  sharing: dict[Path, list[Path]]
+
+
+def group_plans(run: RunConfig, model, layer_index: int,
+                classes: list[list[Path]]) -> list[GroupPlan]:
+  """The captures of block `layer_index` in order (groups without included linears skipped)."""
   groups = model.block_linears()
   if not run.quant.true_sequential:
     groups = [[path for group in groups for path in group]]
+  plans = []
   for group in groups:
     names = {p: module_name(layer_index, p) for p in group}
     names = {p: n for p, n in names.items() if is_included(run.quant, n)}
@@ -283,38 +333,86 @@ def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Ac
     # Each linear's Hessian comes from the first included linear with the same input.
     rep_of = {p: next(q for q in cls if q in names) for cls in classes for p in cls if p in names}
     reps = {rep_of[p]: names[rep_of[p]] for p in names}
-    obs.status(f"block {layer_index}: H of {', '.join(p[-1] for p in reps)}")
-    hessians = capture.group_hessians(model, layer_params, acts, layer_index, reps)
+    sharing = {rep: list(cls) for cls in classes for rep in reps if rep in cls}
+    plans.append(GroupPlan(names=names, rep_of=rep_of, reps=reps, sharing=sharing))
+  return plans
+
+
+def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations,
+                   layer_index: int, classes: list[list[Path]], nsamples: int,
+                   obs: RunObserver, kept: capture.LinearInputs | None = None
+                   ) -> tuple[Params, dict, list[dict]]:
+  """Quantizes every included linear of one block, group by group (see the module docstring).
+
+  kept: storage for the captured inputs (reused by later groups and the propagation), or None.
+  Returns (block params with dequantized weights, {module: QuantizedWeight}, log records).
+  """
+  qweights, records = {}, []
+  for plan in group_plans(run, model, layer_index, classes):
+    obs.status(f"block {layer_index}: H of {', '.join(p[-1] for p in plan.reps)}")
+    hessians = capture.group_hessians(model, layer_params, acts, layer_index, plan.reps,
+                                      kept=kept, sharing=plan.sharing)
     obs.phase("capture_hessian_seconds")
-    for path, name in names.items():
-      obs.status(f"block {layer_index}: {path[-1]}")
-      layer_params, qw, record = quantize_linear(run, layer_params, path, name,
-                                                 hessians[rep_of[path]])
+    for stack in solve_stacks(run, plan):
+      obs.status(f"block {layer_index}: {'+'.join(p[-1] for p in stack)}")
+      layer_params, stack_qw, stack_records = quantize_linears(
+          run, layer_params, {p: plan.names[p] for p in stack}, hessians[plan.rep_of[stack[0]]])
       obs.phase("solve_pack_seconds")
-      qweights[name] = qw
-      records.append({**record, "layer": layer_index, "nsamples": nsamples})
+      qweights.update(stack_qw)
+      records += [{**r, "layer": layer_index, "nsamples": nsamples} for r in stack_records]
   return layer_params, qweights, records
 
 
-def quantize_linear(run: RunConfig, layer_params: Params, path: Path, name: str, H: jax.Array
-                    ) -> tuple[Params, qweight.QuantizedWeight, dict]:
-  """Solves one linear, packs it, writes the dequantized weight back; returns the log record."""
+def solve_stacks(run: RunConfig, plan: GroupPlan) -> list[list[Path]]:
+  """The group's linears in solves: linears with one Hessian, one row-separable method and one
+  config are solved as one stacked problem (`api.ROW_SEPARABLE`), the others alone; in the
+  group's order of first appearance."""
+  stacks: dict[Any, list[Path]] = {}
+  for path, name in plan.names.items():
+    method, cfg = solver_for(run.quant, name)
+    key = (plan.rep_of[path], method, cfg) if method in api.ROW_SEPARABLE else path
+    stacks.setdefault(key, []).append(path)
+  return list(stacks.values())
+
+
+def quantize_linears(run: RunConfig, layer_params: Params, names: dict[Path, str], H: jax.Array
+                     ) -> tuple[Params, dict[str, qweight.QuantizedWeight], list[dict]]:
+  """Solves linears that share H and their solver (rows stacked when more than one), packs each,
+  writes the dequantized weights back; returns (params, {module: packed}, log records)."""
   start = time.perf_counter()
-  weight = get_path(layer_params, path)["weight"]
-  W = jnp.asarray(weight, jnp.float32)
-  method, cfg = solver_for(run.quant, name)
-  result = api.solve(method, W, H, cfg, layer=name)
+  weights = {p: get_path(layer_params, p)["weight"] for p in names}
+  Ws = {p: jnp.asarray(w, jnp.float32) for p, w in weights.items()}
+  method, cfg = solver_for(run.quant, next(iter(names.values())))
+  W = next(iter(Ws.values())) if len(Ws) == 1 else jnp.concatenate(list(Ws.values()), axis=0)
+  result = api.solve(method, W, H, cfg, layer="+".join(names.values()))
+  solve_share = (time.perf_counter() - start) / len(names)
+  qweights, records, row = {}, [], 0
+  for path, name in names.items():
+    start = time.perf_counter()
+    d_out = Ws[path].shape[0]
+    part = result if len(names) == 1 else result.rows(row, row + d_out, Ws[path], H)
+    row += d_out
+    layer_params, qweights[name], record = _pack_linear(run, layer_params, path, name,
+                                                        Ws[path], weights[path].dtype, H, part)
+    record["seconds"] = round(solve_share + time.perf_counter() - start, 4)
+    records.append(record)
+  return layer_params, qweights, records
+
+
+def _pack_linear(run: RunConfig, layer_params: Params, path: Path, name: str, W: jax.Array,
+                 dtype, H: jax.Array, result) -> tuple[Params, qweight.QuantizedWeight, dict]:
+  """Packs one linear's solution, writes its dequantized weight back; returns the log record
+  (without seconds)."""
+  method = result.method
   lossy = method.startswith("spqr") and run.quant.spqr_lossy_outliers
   qw = qweight.pack_result(result, allow_lossy_outliers=lossy)
-  Q = export.dequantized_weight(qw, weight.dtype)
-  layer_params = set_path(layer_params, path + ("weight",), Q)
-  objective = float(result.objective)
-  energy = float(reference_energy(W, H))
+  layer_params = set_path(layer_params, path + ("weight",), export.dequantized_weight(qw, dtype))
+  objective, energy = (float(x) for x in jax.device_get((result.objective,
+                                                          reference_energy(W, H))))
   record = dict(module=name, shape=list(W.shape), method=method, objective=objective,
                 energy=energy, relative_objective=objective / energy if energy > 0 else None,
                 **runlog.damping(result.diagnostics), **bits_lib.bits_report(qw),
-                lossy_outliers=bool(lossy and qw.meta.nnz > 0),
-                seconds=round(time.perf_counter() - start, 4))
+                lossy_outliers=bool(lossy and qw.meta.nnz > 0))
   if record["lossy_outliers"]:
     record["objective_stored"] = float(layer_objective(W, qweight.dequantize(qw), H))
   return layer_params, qw, record

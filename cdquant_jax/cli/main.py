@@ -13,19 +13,25 @@ import argparse
 import logging
 import sys
 
+from cdquant_jax import compilation
 from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize, report
 from cdquant_jax.cli import bank, sweep
 
 VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
+CACHE_HELP = (f"JAX's persistent compilation cache directory, or 'off' (default: "
+              f"${compilation.ENV_VAR}, else {compilation.DEFAULT_DIR})")
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = errors.ArgumentParser(prog="cdquant", description=__doc__)
   parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-  # -v is accepted after the command too; SUPPRESS keeps the global value when it is absent.
+  parser.add_argument("--jax-cache", metavar="DIR", default=None, help=CACHE_HELP)
+  # -v and --jax-cache are accepted after the command too; SUPPRESS keeps the global value when
+  # absent there.
   verbose = argparse.ArgumentParser(add_help=False)
   verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help=VERBOSE_HELP)
+  verbose.add_argument("--jax-cache", metavar="DIR", default=argparse.SUPPRESS, help=CACHE_HELP)
   sub = parser.add_subparsers(dest="command", required=True)
 
   def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     return errors.report(e)
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
+  compilation.enable_persistent_cache(args.jax_cache)
   return errors.run_command(COMMANDS[args.command], args)
 
 

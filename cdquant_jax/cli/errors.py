@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from cdquant_jax import config as config_lib
 from cdquant_jax.cli import layer
 from cdquant_jax.data.protocol import DatasetUnavailableError
+from cdquant_jax.export.common import ExportError
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.pipeline.checkpoint import ResumeError
 from cdquant_jax.quant.serialize import QuantFileError
@@ -45,6 +46,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     HessianError,  # NaN/Inf activations, a Hessian that is not positive definite
     DatasetUnavailableError,  # an optional dataset (or the `datasets` package) is missing
     layer.BadInput,  # `cdquant layer`: a bad (W, H) npz
+    ExportError,  # `cdquant export`: a module the format cannot hold (names the formats that can)
     OSError,  # a missing, unreadable or unwritable file
 )
 

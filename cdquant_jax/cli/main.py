@@ -16,6 +16,7 @@ import sys
 from cdquant_jax import compilation
 from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize, report
 from cdquant_jax.cli import bank, sweep
+from cdquant_jax.cli import export as export_cmd
 
 VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
 CACHE_HELP = (f"JAX's persistent compilation cache directory, or 'off' (default: "
@@ -45,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
   report.add_arguments(command("report", "tables and plots of a sweep directory"))
   sweep.add_arguments(command("sweep", "run a sweep of run configs (or --dry-run list it)"))
   bank.add_arguments(command("bank", "write the layer problems (W, H) of a model"))
+  export_cmd.add_arguments(command("export", "write a run as gptq, compressed-tensors or gguf"))
   return parser
 
 
 COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
             "generate": generate.run, "demo": demo.run, "report": report.run,
-            "sweep": sweep.run, "bank": bank.run}
+            "sweep": sweep.run, "bank": bank.run, "export": export_cmd.run}
 
 
 def main(argv: list[str] | None = None) -> int:

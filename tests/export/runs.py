@@ -54,11 +54,12 @@ def _hessian(rng, d_in: int) -> np.ndarray:
 
 
 def quantized_run(checkpoint: str, out: str, method: str = "gptq", *, fp16_stats: bool = True,
-                  only=None, seed: int = 0, set_fields=(), **knobs) -> str:
+                  only=None, knobs_for=None, seed: int = 0, set_fields=(), **knobs) -> str:
   """Writes a run directory of `checkpoint` quantized with `method` and `knobs`; returns it.
 
-  only: module-name predicate (the others stay dense); set_fields: extra "path=value" config
-  overrides of the method's config.
+  only: module-name predicate (the others stay dense); knobs_for: module name -> knobs that
+  replace `knobs` for it (mixed schemes); set_fields: extra "path=value" config overrides of
+  the method's config.
   """
   model, params, tok = registry.load_model(checkpoint, "float32")
   rng = np.random.default_rng(seed)
@@ -74,7 +75,7 @@ def quantized_run(checkpoint: str, out: str, method: str = "gptq", *, fp16_stats
       full = ("layers", i) + tuple(path) + ("weight",)
       W = np.asarray(params_lib.get_path(params, full), np.float32)
       result = api.solve(method, jnp.asarray(W), jnp.asarray(_hessian(rng, W.shape[1])), cfg,
-                         layer=name, **knobs)
+                         layer=name, **(knobs_for(name) if knobs_for else knobs))
       qweights[name] = pack_result(result)
       params = params_lib.set_path(params, full, jnp.asarray(result.Q))
   os.makedirs(out, exist_ok=True)

@@ -38,6 +38,7 @@ FILE = "model.gguf"
 # (bits, sym) -> GGML type name
 TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1",
          (8, True): "Q8_0"}
+NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _TYPES_TEXT = ", ".join(f"{b}-bit {'sym' if s else 'asym'} {t}" for (b, s), t in TYPES.items())
 _LAYER_NAMES = {
@@ -59,7 +60,8 @@ def why_not(g: LinearGrid, options: ExportOptions) -> str | None:
     return (f"{g.bits}-bit {'symmetric' if g.meta.sym else 'asymmetric'} codes (exact GGUF "
             f"blocks: {_TYPES_TEXT})")
   if g.per_channel or g.meta.group_size != BLOCK:
-    return f"groups of {g.meta.group_size} columns (GGUF blocks are 32 columns)"
+    groups = "a per-channel grid" if g.per_channel else f"groups of {g.meta.group_size} columns"
+    return f"{groups} (GGUF blocks are groups of 32 columns)"
   if not g.contiguous_groups:
     return "act-order groups that are not 32 consecutive columns"
   return common.fp16_scales(g, options)
@@ -178,15 +180,17 @@ def _tokenizer(writer, run: Run) -> str | None:
     vocab[added["content"]] = added["id"]
     if added.get("special"):
       special.add(added["id"])
-  size = max(vocab.values()) + 1
-  tokens = [f"[PAD{i}]" for i in range(size)]
+  size = max(max(vocab.values()) + 1, run.config.vocab_size)
+  tokens = [f"[PAD{i}]" for i in range(size)]  # ids the tokenizer never produces: UNUSED
+  types = [UNUSED] * size
   for token, i in vocab.items():
     tokens[i] = token
+    types[i] = CONTROL if i in special else NORMAL
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre(_pre_name(doc.get("pre_tokenizer")))
   writer.add_token_list(tokens)
-  writer.add_token_types([3 if i in special else 1 for i in range(size)])
+  writer.add_token_types(types)
   writer.add_token_merges(merges)
   return None
 

@@ -40,11 +40,28 @@ RUNS = {
 }
 
 
+def byte_level_tokenizer():
+  """A tiny byte-level BPE tokenizer (41 ids < the model's 96): letters, digits, "Ġ", three
+  merges and one special token."""
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789") + ["Ġ"]
+  merges = [("h", "e"), ("l", "l"), ("Ġ", "w")]
+  vocab = {t: i for i, t in enumerate(chars + ["".join(m) for m in merges])}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+  return tok
+
+
 def tiny_llama(directory, **overrides):
-  """(torch model, directory) of a random LlamaForCausalLM saved with save_pretrained."""
+  """(torch model, directory) of a random LlamaForCausalLM saved with save_pretrained, with a
+  tokenizer.json."""
   torch_model = ref.build_torch_model("LlamaConfig", "LlamaForCausalLM",
                                       **{**TINY_LLAMA, **overrides})
   torch_model.save_pretrained(str(directory))
+  byte_level_tokenizer().save(os.path.join(str(directory), "tokenizer.json"))
   return torch_model, str(directory)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from cdquant_jax.models import hf_config as hf_config_lib
 from cdquant_jax.models.config import FULL, SLIDING, ModelConfig, RopeConfig
 from cdquant_jax.quant import packing, qweight
-from cdquant_jax.quant.qweight import QuantizedWeight, QuantMeta
+from cdquant_jax.quant.qweight import QuantizedWeight, QuantMeta  # noqa: F401 (re-exported)
 
 
 class ExportError(ValueError):

@@ -137,3 +137,21 @@ def test_float32_scales_are_refused_unless_rounding_is_asked(checkpoint, ids, tm
   err = runs.relative_error(ref.torch_logits(runs.torch_model_from_dense(config, dense), ids),
                             runs.run_logits(rd, ids))
   assert 0 < err <= 1e-2, err  # fp16 rounding of the scales only
+
+
+def test_zero_point_zero_is_refused_by_v1_and_held_by_compressed_tensors():
+  """v1 stores zero − 1: a zero point of 0 would wrap to 2^bits − 1 (GPTQModel's v2 fixes it)."""
+  from cdquant_jax.export import compressed_tensors, gptq  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  meta = common.QuantMeta(method="rtn", bits=4, group_size=32, flavor="gptq", sym=False,
+                          d_out=32, d_in=64, k_pad=64, n_groups=2, n_groups_pad=2,
+                          scale_format="f16", zero_format="f16")
+  zero = np.full((32, 2), 5.0, np.float32)
+  zero[3, 1] = 0.0
+  g = common.LinearGrid(name="layers.0.mlp.up_proj",
+                        codes=rng.integers(0, 16, (32, 64)).astype(np.int32),
+                        scale=np.full((32, 2), 0.25, np.float32), zero=zero,
+                        group_index=np.arange(64, dtype=np.int32) // 32, meta=meta)
+  reason = gptq.why_not(g, ExportOptions())
+  assert reason.startswith("zero point 0 at channel 3, group 1 (v1 stores zero − 1"), reason
+  assert compressed_tensors.why_not(g, ExportOptions()) is None

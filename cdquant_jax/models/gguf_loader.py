@@ -1,10 +1,15 @@
 """GGUF files (llama.cpp): metadata -> HF config dict, tensors dequantized -> HF-named arrays.
 
-Supported architectures: `llama` (Llama, Mistral, SmolLM exports) and `qwen2`. Quantized tensors
-(Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to float32 with the `gguf` package.
+Supported architectures: `llama` (Llama, Mistral, SmolLM exports), `qwen2`, `gemma`, `gemma2`.
+Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to float32 with the `gguf`
+package.
 
-llama.cpp's converter permutes the rows of attn_q / attn_k of `llama` models so that rope acts
-on interleaved pairs; `unpermute_rope_rows` restores HF's rotate-half row order.
+What llama.cpp's converter changes, undone here: it permutes the rows of attn_q / attn_k (weight
+and bias) of `llama` models so that rope acts on interleaved pairs (`unpermute_rope_rows`
+restores HF's rotate-half order); it stores Gemma's norm weights as 1 + w (llama.cpp multiplies
+by the weight; `ModelConfig.norm_offset` adds the 1 back). Gemma 2 metadata has no
+query_pre_attn_scalar: like llama.cpp, the query scale is 1/sqrt(head_dim), except for the 27B
+(46 blocks), 1/sqrt(hidden / heads); missing soft-caps take llama.cpp's defaults (50, 30).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 
 from cdquant_jax.models.errors import ModelLoadError
 
-ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
+ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2"}
+GEMMA_ARCHS = ("gemma", "gemma2")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -25,8 +31,16 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 2 has four norms a block: ffn_norm is the pre-feedforward one there.
+_GEMMA2_LAYER_NAMES = {
+    **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_LAYER_NAMES = {"gemma2": _GEMMA2_LAYER_NAMES}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
+# llama.cpp's defaults for Gemma 2 keys a file may leave out.
+_GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
 def open_reader(path: str):
@@ -84,17 +98,24 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple
   }
   if get("attention.key_length") is not None:
     hf["head_dim"] = get("attention.key_length")
+  if arch == "gemma2":
+    head_dim = hf.get("head_dim", hf["hidden_size"] // heads)
+    hf["query_pre_attn_scalar"] = (hf["hidden_size"] // heads if hf["num_hidden_layers"] == 46
+                                   else head_dim)
+    hf.update({k: get(k, default) for k, default in _GEMMA2_SOFTCAPS.items()})
+    hf["sliding_window"] = get("attention.sliding_window", 4096)
   if get("rope.scaling.type") not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": get("rope.scaling.type"),
                           "factor": get("rope.scaling.factor")}
   return {k: v for k, v in hf.items() if v is not None}
 
 
-def hf_tensor_name(gguf_name: str, path: str) -> str:
+def hf_tensor_name(gguf_name: str, path: str, arch: str = "llama") -> str:
   """llama.cpp tensor name -> HF name (e.g. blk.3.attn_q.weight -> model.layers.3.self_attn...)."""
+  layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
   m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-  if m and m.group(2) in _LAYER_NAMES:
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+  if m and m.group(2) in layer_names:
+    return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
   m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
   if m and m.group(1) in _GLOBAL_NAMES:
     return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
@@ -127,8 +148,15 @@ _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def source_dtypes(reader, path: str) -> dict[str, str]:
   """{HF tensor name: its type in the file}: "float32" / "float16" / "bfloat16" for float
   tensors, the GGML type name (e.g. "Q8_0") for block-quantized ones. Metadata only."""
-  return {hf_tensor_name(t.name, path): _FLOAT_TYPES.get(t.tensor_type.name, t.tensor_type.name)
+  arch = architecture(reader)
+  return {hf_tensor_name(t.name, path, arch): _FLOAT_TYPES.get(t.tensor_type.name,
+                                                               t.tensor_type.name)
           for t in reader.tensors}
+
+
+def architecture(reader) -> str | None:
+  field = reader.fields.get("general.architecture")
+  return None if field is None else field.contents()
 
 
 def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -142,18 +170,21 @@ def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndar
   # numpy-order shapes ([d_out, d_in]); GGUF lists dimensions innermost first.
   shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
   config = hf_config_from_metadata(meta, shapes, path)
-  permute = meta["general.architecture"] == "llama"
+  arch = meta["general.architecture"]
+  permute = arch == "llama"
   state = {}
   for tensor in reader.tensors:
-    name = hf_tensor_name(tensor.name, path)
+    name = hf_tensor_name(tensor.name, path, arch)
     try:
       w = dequantized(tensor)
     except NotImplementedError as e:  # gguf has no numpy dequantizer for this type
       raise ModelLoadError(f"{path}: tensor {tensor.name} of type {tensor.tensor_type.name} "
                            f"cannot be dequantized ({e})") from e
-    if permute and name.endswith("q_proj.weight"):
+    if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
       w = unpermute_rope_rows(w, config["num_attention_heads"])
-    elif permute and name.endswith("k_proj.weight"):
+    elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
       w = unpermute_rope_rows(w, config["num_key_value_heads"])
+    elif arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+      w = w - np.float32(1.0)  # llama.cpp stores Gemma's 1 + w
     state[name] = w
   return config, state

@@ -13,6 +13,7 @@ The public API (`import cdquant_jax as cq`):
   A whole model
     cq.load_model(path_or_hub_id, dtype) -> (model, params, tokenizer)
     cq.quantize_model(run_config) -> metrics;  cq.load_quantized_model(run_dir)
+    cq.export_model(run_dir, "gptq" | "compressed-tensors" | "gguf", output_dir)
 
 Names resolve lazily, so `import cdquant_jax` (and the `cdquant` command) stays fast.
 """
@@ -51,6 +52,7 @@ _API: dict[str, tuple[str, str]] = {
     "load_model": ("cdquant_jax.models.registry", "load_model"),
     "quantize_model": ("cdquant_jax.pipeline.sequential", "quantize_model"),
     "load_quantized_model": ("cdquant_jax.pipeline.export", "load_quantized_model"),
+    "export_model": ("cdquant_jax.export", "export_model"),
 }
 
 __all__ = sorted(_API)

@@ -120,7 +120,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def torch_model_from_dense(config_json: dict, state: dict):
   """A transformers model (f32, eager) from a config.json dict (quantization_config dropped)
-  and a dense {HF name: array} state dict, loaded strictly."""
+  and a dense {HF name: array} state dict, loaded strictly (a tied lm_head may be absent)."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   config = dict(config_json)
@@ -129,5 +129,7 @@ def torch_model_from_dense(config_json: dict, state: dict):
   hf_config._attn_implementation = "eager"  # pylint: disable=protected-access
   model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in state.items()}
-  model.load_state_dict(tensors, strict=True)
+  missing, unexpected = model.load_state_dict(tensors, strict=False)
+  tied = ["lm_head.weight"] if config.get("tie_word_embeddings") else []
+  assert missing == tied and not unexpected, (missing, unexpected)
   return model

@@ -193,6 +193,20 @@ def _pad_problem(W, U, fixed_scale, fixed_zero, blocksize: int):
           widen(fixed_zero, 0.0))
 
 
+# Columns per sub-block of the sweep: a column's rank-1 update touches only its sub-block (an
+# [S, d_out] slab that stays in cache), and each sub-block updates the rest of its block with
+# one matmul. Speed only.
+SUB_BLOCK = 32
+
+
+def _sub_block(B: int, exact_groups: bool) -> int:
+  """Sub-block size S dividing the block size B (B itself for exact_groups, whose group fits
+  read the whole block)."""
+  if exact_groups:
+    return B
+  return next(s for s in (SUB_BLOCK, 16, 8, 4, 2, 1) if B % s == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dynamic"))
 def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
   """The blocked column sweep in processing order.
@@ -218,6 +232,7 @@ def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
   n_cols = WT.shape[0]
   cols = jnp.arange(n_cols)
   maxq, flavor = cfg.grid.maxq, cfg.grid.flavor
+  S = _sub_block(B, cfg.exact_groups)
 
   def fit_group(WoutT, W1, Err1, i1, j):
     """(scale, zero) [d_out] of the group starting at column j."""
@@ -234,11 +249,13 @@ def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
     return fit(Wg.T, cfg.grid)
 
   def column(i, state):
-    W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1 = state
-    j = i1 + i
+    W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0 = state
+    ib = k0 + i  # column of the block
+    j = i1 + ib
     if dynamic:
       is_start = (j % G == 0) & (j < d_in)
-      params = jax.lax.cond(is_start, lambda: fit_group(WoutT, W1, Err1, i1, j),
+      # exact_groups runs one sub-block per block (S == B), so W2 is the whole block there.
+      params = jax.lax.cond(is_start, lambda: fit_group(WoutT, W2, Err1, i1, j),
                             lambda: params)
       s, z = params
       # Parameters are constant within a group, so writing them at every column is exact.
@@ -246,16 +263,31 @@ def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
       scales, zeros = scales.at[gi].set(s), zeros.at[gi].set(z)
     else:
       s, z = fsT[j], fzT[j]
-    w = W1[i]
+    w = W2[i]
     c = grids.codes_of(w, s, z, maxq, flavor)
     q = grids.dequantize_codes(c, s, z)
-    d = U1[i, i]
+    d = U2[i, i]
     err = (w - q) / d
     loss = loss + jnp.sum((w - q) ** 2) / d**2 / 2
-    # Rank-1 update of the block's later columns: W1[i+1:] −= U1[i, i+1:] ⊗ err.
-    W1 = W1 - jnp.where(jnp.arange(B) > i, U1[i], 0.0)[:, None] * err[None, :]
-    return (W1, Q1.at[i].set(q), C1.at[i].set(c), Err1.at[i].set(err), loss, params,
-            scales, zeros, WoutT, i1, U1)
+    # Rank-1 update of the sub-block's later columns: W2[i+1:] −= U2[i, i+1:] ⊗ err.
+    W2 = W2 - jnp.where(jnp.arange(S) > i, U2[i], 0.0)[:, None] * err[None, :]
+    return (W2, Q1.at[ib].set(q), C1.at[ib].set(c), Err1.at[ib].set(err), loss, params,
+            scales, zeros, WoutT, i1, U2, k0)
+
+  def sub_block(k, state):
+    W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1 = state
+    k0 = k * S
+    W2 = jax.lax.dynamic_slice(W1, (k0, 0), (S, d_out))
+    U2 = jax.lax.dynamic_slice(U1, (k0, k0), (S, S))
+    inner = (W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0)
+    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _, _ = jax.lax.fori_loop(
+        0, S, column, inner)
+    if S < B:
+      # Lazy update of the block's later columns: W1[k0+S:] −= U1[sub, k0+S:]ᵀ @ Err[sub].
+      Err2 = jax.lax.dynamic_slice(Err1, (k0, 0), (S, d_out))
+      Urows = jax.lax.dynamic_slice(U1, (k0, 0), (S, B))
+      W1 = W1 - hdot(jnp.where(jnp.arange(B)[None, :] >= k0 + S, Urows, 0.0).T, Err2)
+    return W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1
 
   def block(b, state):
     WoutT, Q, C, loss, params, scales, zeros = state
@@ -264,7 +296,8 @@ def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
     U1 = jax.lax.dynamic_slice(Ux, (i1, i1), (B, B))
     zero_blk = jnp.zeros_like(W1)
     inner = (W1, zero_blk, zero_blk, zero_blk, loss, params, scales, zeros, WoutT, i1, U1)
-    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _ = jax.lax.fori_loop(0, B, column, inner)
+    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _ = jax.lax.fori_loop(
+        0, B // S, sub_block, inner)
     # Lazy batch update of all later columns: Wᵀ[i2:] −= U[blk, i2:]ᵀ @ Err1.
     Urows = jax.lax.dynamic_slice(Ux, (i1, 0), (B, n_cols))
     WoutT = WoutT - hdot(jnp.where(cols[None, :] >= i1 + B, Urows, 0.0).T, Err1)

@@ -116,6 +116,13 @@ def cd(W, H, cfg: CDConfig = CDConfig(), *, layer: str = "?") -> SolveResult:
   hessian.check_layer_problem(W, H, layer=layer)
   cfg.validate(jnp.shape(W)[1])
   init = init_lib.initial_solution(W, H, cfg.init, cfg.grid, layer=layer)
+  return _descend(jnp.asarray(W), jnp.asarray(H), init, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _descend(W, H, init: SolveResult, *, cfg: CDConfig) -> SolveResult:
+  """From the start `init` to the SolveResult as one program (compiled once per shape and
+  config): solver form, greedy CD with its refit rounds, codes and objective."""
   grid, Q, diagnostics = _descend_with_refits(init_lib.start_point(W, H, init), cfg)
   return init_lib.solve_result(W, H, Q, grid, init.perm, diagnostics.started_from(init))
 

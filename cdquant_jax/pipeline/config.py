@@ -106,6 +106,10 @@ class EvalSettings:
   paths: dict = dataclasses.field(default_factory=dict)
 
 
+# The formats of `cdquant_jax.export.FORMATS` (a test checks that they agree).
+ExportFormat = Literal["gptq", "compressed-tensors", "gguf"]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """One quantization run.
@@ -118,7 +122,9 @@ class RunConfig:
   quant.true_sequential): keep each group's captured linear inputs for the later groups and
   the propagation of the block, which then skip the work that produced them (about half the
   block forwards) at the cost of memory, about Σ d_in / D times the activations (≈ 5x for
-  Llama blocks), where the activations live.
+  Llama blocks), where the activations live. exports: serving formats written after the run
+  (`cdquant_jax.export`) into output_dir/export/<format>; a module a format cannot hold fails
+  the export with one line (the run directory is complete by then: `cdquant export` can retry).
   """
 
   model: ModelSource = ModelSource()
@@ -130,6 +136,7 @@ class RunConfig:
   forward_batch_size: int = 8
   checkpoint: Literal["replay", "activations", "none"] = "replay"
   keep_linear_inputs: bool = True
+  exports: tuple[ExportFormat, ...] = ()
 
   def validate(self) -> "RunConfig":
     """Raises ConfigError for a bad value; returns self."""

@@ -434,6 +434,14 @@ def summarize(records: list[dict]) -> dict:
               outlier_share=weighted("outlier_share"))
 
 
+def _export_formats(run: RunConfig) -> dict:
+  """Writes output_dir/export/<format> for every format in run.exports; their summaries."""
+  from cdquant_jax import export as export_formats  # pylint: disable=import-outside-toplevel
+  return {fmt: export_formats.export_model(run.output_dir, fmt,
+                                           os.path.join(run.output_dir, "export", fmt))
+          for fmt in run.exports}
+
+
 def _finish(run, model, params, qweights, records, tokenizer, progress, baseline,
             timer: Timer, source_dtypes: dict[str, str] | None) -> dict:
   """Evaluates (if configured), writes the model directory and metrics.json.
@@ -463,5 +471,11 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
   timing["export_seconds"] = round(time.perf_counter() - start, 3)
   metrics["timing"] = timing
   metrics["memory"] = memory.memory_report()
-  io_utils.atomic_write_json(os.path.join(run.output_dir, export.METRICS_FILE), metrics)
+  metrics_path = os.path.join(run.output_dir, export.METRICS_FILE)
+  io_utils.atomic_write_json(metrics_path, metrics)
+  if run.exports:  # after the run directory is complete, so a refused format loses nothing
+    start = time.perf_counter()
+    metrics["exports"] = _export_formats(run)
+    timing["export_formats_seconds"] = round(time.perf_counter() - start, 3)
+    io_utils.atomic_write_json(metrics_path, metrics)
   return metrics

@@ -8,12 +8,14 @@ pipeline's capture code) from weights read back from the exported directory.
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdquant_jax import config as config_lib
 from cdquant_jax.models import registry
 from cdquant_jax.models.base import default_positions
 from cdquant_jax.models.params import get_path
@@ -223,3 +225,45 @@ def test_without_true_sequential_all_hessians_come_from_the_unquantized_block(ti
     direct = api.solve("gptq", W, hessian_from_inputs(inputs[path]), cfg).objective
     np.testing.assert_allclose(records["layers.0." + ".".join(path)]["objective"],
                                float(direct), rtol=1e-4)
+
+
+def test_run_config_exports_after_quantization(tmp_path):
+  """quant + exports in one run config: the formats are written as `cdquant export` writes them."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from cdquant_jax import export as export_formats  # pylint: disable=import-outside-toplevel
+  # GPTQ v1 packs 32 rows per word: every linear needs multiples of 32 (TINY's k/v have 16).
+  model = registry.model_from_hf_config({**TINY, "hidden_size": 64, "intermediate_size": 64,
+                                         "num_attention_heads": 2, "num_key_value_heads": 1})
+  params = model.init_params(jax.random.key(2), scale=0.3)
+  calib = np.asarray(jax.random.randint(jax.random.key(3), (24, SEQLEN), 0, TINY["vocab_size"]))
+  fp16 = {"gptq": {"grid": {"fp16_stats": True}}}
+  run = _run_config(tmp_path, "exp", knobs={"bits": 4, "group_size": 16}, solvers=fp16)
+  run = config_lib.apply_overrides(run, ["exports=[gptq, compressed-tensors]"])
+  metrics = quantize_loaded(run, model, params, calib, progress=False).metrics
+  assert sorted(metrics["exports"]) == ["compressed-tensors", "gptq"]
+  for fmt in ("gptq", "compressed-tensors"):
+    again = tmp_path / f"again-{fmt}"
+    export_formats.export_model(run.output_dir, fmt, str(again))
+    ours = load_file(os.path.join(run.output_dir, "export", fmt, "model.safetensors"))
+    want = load_file(str(again / "model.safetensors"))
+    assert ours.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{fmt}: {key}")
+
+
+def test_a_refused_export_keeps_the_run_directory(tiny, tmp_path):
+  from cdquant_jax.export import ExportError  # pylint: disable=import-outside-toplevel
+  model, params, calib, _ = tiny
+  run = _run_config(tmp_path, "spqr", method="spqr", knobs={"bits": 3, "group_size": 16,
+                                                             "qq_group_size": 8})
+  run = config_lib.apply_overrides(run, ["exports=[gptq]"])
+  with pytest.raises(ExportError, match="layers.0"):
+    quantize_loaded(run, model, params, calib, progress=False)
+  assert os.path.exists(os.path.join(run.output_dir, export.METRICS_FILE))
+
+
+def test_export_formats_of_the_run_schema_are_the_exporters():
+  import typing  # pylint: disable=import-outside-toplevel
+  from cdquant_jax import export as export_formats  # pylint: disable=import-outside-toplevel
+  from cdquant_jax.pipeline import config as run_schema  # pylint: disable=import-outside-toplevel
+  assert set(typing.get_args(run_schema.ExportFormat)) == set(export_formats.FORMATS)

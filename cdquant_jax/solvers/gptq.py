@@ -102,8 +102,9 @@ class GPTQConfig(GPTQOptions):
 def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResult:
   """Quantizes W [d_out, d_in] with GPTQ on the layer Hessian H [d_in, d_in].
 
-  Runs as three device programs compiled once per shape and config (`_start`, one damped
-  factorisation per damping attempt, `_sweep_result`) with one host sync per attempt.
+  Runs as one device program compiled once per shape and config (`_solve`: start, damped
+  factorisation, sweep), after the value checks and with one host sync; only when the Cholesky
+  fails does the damping escalation (`hessian.prepare_hessian`) run, as programs of its own.
 
   Returns:
     SolveResult with Q and codes in the original column order, the grid (group_index in
@@ -117,10 +118,24 @@ def gptq(W, H, cfg: GPTQConfig = GPTQConfig(), *, layer: str = "?") -> SolveResu
   W = jnp.asarray(W)
   H = jnp.asarray(H, W.dtype)
   cfg.validate(W.shape[1])
-  start = _start(W, H, cfg=cfg)
+  result, start, ok = _solve(W, H, cfg=cfg)
+  if bool(ok):
+    return result
   prep = hessian.prepare_hessian(start.Hp, start.Wp, cfg.percdamp, order="gptq",
                                  max_escalations=cfg.max_damp_escalations, layer=layer)
   return _sweep_result(W, H, start, prep.W, prep.U, Damping.of(prep), cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _solve(W, H, *, cfg: GPTQConfig) -> tuple[SolveResult, "_Start", jax.Array]:
+  """The whole solve at the configured damping: (result, start, factor ok). The result is
+  meaningless when the factor is not ok (the caller then escalates the damping)."""
+  start = _start(W, H, cfg=cfg)
+  percdamp = jnp.asarray(cfg.percdamp, H.dtype)
+  _, Wd, U, damp, ok = hessian.damped_factor(start.Hp, start.Wp, percdamp, "gptq")
+  damping = Damping(percdamp=jnp.asarray(cfg.percdamp, jnp.float32),
+                    damp=damp.astype(jnp.float32), escalations=jnp.int32(0))
+  return _sweep_result(W, H, start, Wd, U, damping, cfg=cfg), start, ok
 
 
 class _Start(NamedTuple):

@@ -191,12 +191,15 @@ def factor_ok(U: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
 
 
-@functools.partial(jax.jit, static_argnames="order")
-def _damped_factor(H: jax.Array, W: jax.Array, percdamp: jax.Array, order: DampOrder):
-  """One damping attempt in one device program: (damped H, W, U, absolute damp, factor ok)."""
+def damped_factor(H: jax.Array, W: jax.Array, percdamp: jax.Array, order: DampOrder):
+  """One damping attempt: (damped H, W, U, absolute damp, factor ok); traceable (a solver's
+  program can include its first attempt)."""
   Hd, Wd, damp = damp_and_fix_dead(H, W, percdamp, order)
   U = inverse_cholesky_upper(Hd)
   return Hd, Wd, U, damp, factor_ok(U)
+
+
+_damped_factor = jax.jit(damped_factor, static_argnames="order")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,14 +108,20 @@ class SolveResult:
     """
     if self.spqr is not None:
       raise ValueError("SpQR results are not row-separable")
-    grid = dataclasses.replace(self.grid, scale=self.grid.scale[start:stop],
-                               zero=self.grid.zero[start:stop])
-    steps = self.diagnostics.steps
-    Q = self.Q[start:stop]
-    return self.replace(Q=Q, codes=self.codes[start:stop], grid=grid,
+    return _rows(self, start, stop, W, H)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rows(result: SolveResult, start: int, stop: int, W: jax.Array, H: jax.Array) -> SolveResult:
+  """`SolveResult.rows` as one program per shape and row range."""
+  grid = dataclasses.replace(result.grid, scale=result.grid.scale[start:stop],
+                             zero=result.grid.zero[start:stop])
+  steps = result.diagnostics.steps
+  Q = result.Q[start:stop]
+  return result.replace(Q=Q, codes=result.codes[start:stop], grid=grid,
                         objective=layer_objective(W, Q, H),
-                        outlier_mask=self.outlier_mask[start:stop],
-                        diagnostics=self.diagnostics.replace(
+                        outlier_mask=result.outlier_mask[start:stop],
+                        diagnostics=result.diagnostics.replace(
                             steps=None if steps is None else steps[start:stop]))
 
 

@@ -57,6 +57,11 @@ def enable_persistent_cache(path: str | None = None) -> str | None:
   return directory
 
 
+def active_cache_dir() -> str | None:
+  """The persistent cache directory JAX uses now (None: off)."""
+  return jax.config.jax_compilation_cache_dir
+
+
 @dataclasses.dataclass
 class _Totals:
   seconds: float = 0.0  # tracing + lowering + XLA compile (or persistent cache load)

@@ -68,13 +68,17 @@ def load_numbers(path: str) -> Numbers:
   return numbers_from_dict(data, path)
 
 
+def _check_keys(data: dict, known, bad) -> None:
+  unknown = sorted(set(data) - set(known))
+  if unknown:
+    raise bad(f"unknown key(s) {unknown}; known: {sorted(known)}")
+
+
 def numbers_from_dict(data: Any, where: str) -> Numbers:
   bad = lambda msg: results.ResultsError(f"{where}: {msg}")
   if not isinstance(data, dict):
     raise bad("the top level must be a mapping with source, metric and rows")
-  unknown = sorted(set(data) - TOP_KEYS)
-  if unknown:
-    raise bad(f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}")
+  _check_keys(data, TOP_KEYS, bad)
   if not isinstance(data.get("source"), str) or not data["source"].strip():
     raise bad("`source:` (the paper table or README the numbers come from) is required")
   if not isinstance(data.get("rows"), list):
@@ -88,9 +92,7 @@ def _entry(item: Any, default_metric: Any, where: str) -> Entry:
   bad = lambda msg: results.ResultsError(f"{where}: {msg}")
   if not isinstance(item, dict):
     raise bad("must be a mapping {label, setting or point, value}")
-  unknown = sorted(set(item) - ENTRY_KEYS)
-  if unknown:
-    raise bad(f"unknown key(s) {unknown}; known: {sorted(ENTRY_KEYS)}")
+  _check_keys(item, ENTRY_KEYS, bad)
   value = results.number(item.get("value"))
   if value is None:
     raise bad(f"value must be a finite number, got {item.get('value')!r}")

@@ -82,3 +82,25 @@ def assert_cache_matches_forward(model, params, ids: np.ndarray, prefill: int,
     pieces.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=atol, rtol=0)
   assert int(cache[0]["end"]) == ids.shape[1]
+
+
+def gguf_writer(torch_model, arch: str, path, *, head_dims: bool = False):
+  """A `gguf.GGUFWriter` for `arch` at `path` with the header keys llama.cpp's converter writes
+  for a Llama-like transformers model (head_dims: also key/value length and vocab size)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  c = torch_model.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  if head_dims:
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  if head_dims:
+    w.add_vocab_size(c.vocab_size)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  return w

@@ -30,18 +30,7 @@ ARCH = {"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2}
 def write_gguf(torch_model, arch: str, path) -> None:
   """torch_model as llama.cpp's converter writes a Gemma / Gemma 2 GGUF (F32 tensors)."""
   c = torch_model.config
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_key_length(c.head_dim)
-  w.add_value_length(c.head_dim)
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_vocab_size(c.vocab_size)
-  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w = ref.gguf_writer(torch_model, arch, path, head_dims=True)
   if arch == "gemma2":
     w.add_attn_logit_softcapping(c.attn_logit_softcapping)
     w.add_final_logit_softcapping(c.final_logit_softcapping)

@@ -64,17 +64,8 @@ def _llama_cpp_permute(w, n_head):
 
 def _write_gguf(torch_model, path):
   """A llama-architecture GGUF of torch_model, named and permuted as llama.cpp's converter."""
-  import gguf  # pylint: disable=import-outside-toplevel
   c = torch_model.config
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w = ref.gguf_writer(torch_model, "llama", path)
   names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
            "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",

@@ -15,6 +15,9 @@ import hashlib
 import json
 import os
 
+# The metric and methods of `write_sweep` (the report tests read them back).
+METRIC = "perplexity.wikitext2"
+METHODS = ("rtn", "gptq", "cd", "bcd", "spqr")
 FACTOR = {"rtn": 1.5, "gptq": 1.2, "cd": 1.1, "bcd": 1.05, "spqr": 1.01}
 LEVEL = {"rtn": 2.0, "gptq": 1.0, "cd": 0.9, "bcd": 0.85, "spqr": 0.8}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

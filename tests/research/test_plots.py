@@ -10,13 +10,7 @@ import pytest
 from cdquant_jax.research import plots, results
 from tests.research import synthetic
 
-METRIC = "perplexity.wikitext2"
-METHODS = ("rtn", "gptq", "cd", "bcd", "spqr")
-
-
-@pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
-  return synthetic.write_sweep(tmp_path_factory.mktemp("sweep"))
+METRIC, METHODS = synthetic.METRIC, synthetic.METHODS
 
 
 @pytest.fixture(scope="module")

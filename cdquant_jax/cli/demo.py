@@ -115,7 +115,8 @@ def demo_run_config(method: str, args: argparse.Namespace, output_dir: str):
 
 
 def run_model(args: argparse.Namespace, output_dir: str) -> int:
-  from cdquant_jax import data  # pylint: disable=import-outside-toplevel
+  started = time.perf_counter()
+  from cdquant_jax import compilation, data  # pylint: disable=import-outside-toplevel
   from cdquant_jax.models import aliases, registry  # pylint: disable=import-outside-toplevel
   from cdquant_jax.pipeline import evaluation, sequential  # pylint: disable=import-outside-toplevel
   methods = selected_methods(args)
@@ -134,9 +135,11 @@ def run_model(args: argparse.Namespace, output_dir: str) -> int:
     return evaluation.model_perplexity(model, p, eval_ids, seqlen=args.eval_seqlen,
                                        batch_size=4)["ppl"]
 
-  header = f"{'method':10s} {'perplexity':>11s} {'bits/param':>11s} {'rel. objective':>15s} {'seconds':>8s}"
-  print(header)
-  print(f"{'fp32':10s} {ppl(params):11.3f} {32.0:11.3f} {'-':>15s} {'-':>8s}", flush=True)
+  print(f"{'method':10s} {'perplexity':>11s} {'bits/param':>11s} {'rel. objective':>15s} "
+        f"{'quantize s':>11s} {'compile s':>10s}")
+  compiles = compilation.CompileStats()
+  print(f"{'fp32':10s} {ppl(params):11.3f} {32.0:11.3f} {'-':>15s} {'-':>11s} "
+        f"{compiles.report()['compile_seconds']:10.1f}", flush=True)
   for method in methods:
     run_cfg = demo_run_config(method, args, output_dir)
     start = time.perf_counter()
@@ -145,7 +148,11 @@ def run_model(args: argparse.Namespace, output_dir: str) -> int:
     seconds = time.perf_counter() - start
     s = result.metrics["summary"]
     print(f"{method:10s} {ppl(result.params):11.3f} {s['bits_formula']:11.3f} "
-          f"{s['relative_objective_sum']:15.6f} {seconds:8.1f}", flush=True)
+          f"{s['relative_objective_sum']:15.6f} {seconds:11.1f} "
+          f"{result.compile['compile_seconds']:10.1f}", flush=True)
+  print(f"total {time.perf_counter() - started:.1f} s, of which compiling "
+        f"{compiles.report()['compile_seconds']:.1f} s; quantize s includes its compiling "
+        f"(JAX's persistent cache: {compilation.active_cache_dir() or 'off'})")
   return 0
 
 

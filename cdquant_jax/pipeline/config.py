@@ -144,6 +144,9 @@ class RunConfig:
       if getattr(self.calibration, name) < 1:
         raise config_lib.ConfigError(f"calibration.{name} must be >= 1, "
                                      f"got {getattr(self.calibration, name)}")
+    if not self.keep_linear_inputs and not self.quant.true_sequential:
+      raise config_lib.ConfigError("keep_linear_inputs=false only applies with "
+                                   "quant.true_sequential=true (nothing is kept without it)")
     if self.forward_batch_size < 1:
       raise config_lib.ConfigError(f"forward_batch_size must be >= 1, got {self.forward_batch_size}")
     if self.eval.batch_size < 1:

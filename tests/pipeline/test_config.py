@@ -109,3 +109,10 @@ def test_solver_settings_are_checked_when_the_run_config_is_built(overrides, mat
                                                 "rules": [{"pattern": "q_proj"}]}})
   with pytest.raises(ConfigError, match=match):
     config_lib.apply_overrides(base, overrides).validate()
+
+
+def test_keep_linear_inputs_off_without_true_sequential_is_rejected():
+  with pytest.raises(ConfigError, match="keep_linear_inputs=false only applies"):
+    config.run_config_from_dict({"keep_linear_inputs": False,
+                                 "quant": {"true_sequential": False}})
+  config.run_config_from_dict({"keep_linear_inputs": False})  # with true_sequential: honoured

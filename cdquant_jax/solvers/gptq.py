@@ -3,7 +3,9 @@
 Per block of `blocksize` columns (processing order), each column j is quantized, its error
 err = (w − q) / U_jj is propagated to the rest of the block with the row U[j, j+1:] (rank-1),
 and after the block the accumulated errors update all later columns at once (lazy batch).
-U is the upper Cholesky factor of the damped H⁻¹. `blocksize` changes only speed.
+U is the upper Cholesky factor of the damped H⁻¹. `blocksize` changes only speed. Inside a
+block the same two levels repeat with sub-blocks of `SUB_BLOCK` columns (rank-1 updates within
+the sub-block, one matmul for the rest of the block after it), which is speed only too.
 
 Groups (non-static): parameters are fitted at every group start j on W[:, j:j+G]. As in the
 reference, W there is the *outer* weight, which has not received the current block's

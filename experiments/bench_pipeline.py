@@ -1,136 +1,352 @@
-"""Pipeline benchmark: wall time, phase breakdown and peak memory to quantize SmolLM2-135M.
+"""Pipeline benchmark on SmolLM2-135M (offline GGUF, 30 blocks, 210 linears): the targets of
+issue 9, each measured side by side in one process, with the load average of the machine.
 
-Each method runs in its own subprocess (so the peak RSS is that method's), on the offline
-SmolLM2-135M-Instruct GGUF, with the configs/smollm2/<method>_w3.yaml settings (3 bits; GPTQ and
-CD in groups of 64, SpQR in groups of 16 with 3-bit statistics and outliers), calibration
-128 x 512 tokens of the bundled corpus, true-sequential. Perplexity is measured on the bundled
-evaluation split (seqlen 512), with the same block-by-block forward for every model.
-Times are wall seconds on this (shared) machine, compilation included, as a user sees them.
+Parts (--parts, comma separated; all by default):
+  matmul   the machine's f32 matmul throughput on the shapes the capture multiplies
+           (jnp.matmul of [tokens, d_in] x [d_in, d_out] and the Hessian Xᵀ X), the reference of
+           the capture target;
+  capture  capture + Hessians of true-sequential groups (the pipeline's `group_hessians` with
+           kept inputs) on `--capture-blocks` blocks: nominal flops / seconds against the same
+           matmuls timed plainly;
+  solve    the layer problems (W, H) of all 30 blocks (unquantized earlier blocks, 32 x 256
+           calibration tokens), then solve + pack exactly as the pipeline does
+           (`sequential.quantize_linears`: linears sharing H stacked) with GPTQ on all 210
+           linears, against the flop estimate Σ d_out·d_in² + d_in³/3, and CD and BCD against GPTQ
+           on `--descent-blocks` blocks;
+  run      the whole configs/smollm2/gptq_w3.yaml run (128 x 512 calibration, baseline and
+           quantized perplexity on the whole evaluation split) with its phase times.
+Solve and capture times exclude compilation (a warm-up on the same shapes first); run times
+include it as a user sees it (with the persistent cache `--jax-cache`, default off here).
 
     python experiments/bench_pipeline.py --out experiments/results/bench_pipeline.md
-    python experiments/bench_pipeline.py --methods gptq --nsamples 32   # quicker
+    python experiments/bench_pipeline.py --parts matmul,solve --descent-blocks 0,29
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 
-CONFIGS = {"gptq": "configs/smollm2/gptq_w3.yaml", "cd": "configs/smollm2/cd_w3.yaml",
-           "spqr": "configs/smollm2/spqr_w3.yaml", "bcd": "configs/smollm2/bcd_w3.yaml"}
+from cdquant_jax import runtime
+
+runtime.configure()
+
+import jax  # noqa: E402  (after the process settings)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cdquant_jax import compilation, data  # noqa: E402
+from cdquant_jax._numerics import hdot  # noqa: E402
+from cdquant_jax.models import aliases, registry  # noqa: E402
+from cdquant_jax.models.params import get_path  # noqa: E402
+from cdquant_jax.pipeline import capture, config, sequential  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("embed_or_replay_seconds", "capture_hessian_seconds", "solve_pack_seconds",
-          "propagate_seconds", "checkpoint_seconds", "export_seconds")
+RUN_CONFIG = os.path.join(ROOT, "configs", "smollm2", "gptq_w3.yaml")
+PARTS = ("matmul", "capture", "solve", "run")
 
 
-def run_one(method: str, args: argparse.Namespace) -> dict:
-  """Quantizes with one method in this process; returns metrics + load time."""
-  from cdquant_jax.pipeline import config, sequential  # pylint: disable=import-outside-toplevel
-  overrides = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
-               f"output_dir={args.output_dir}/{method}", f"checkpoint={args.checkpoint}",
-               f"quant.true_sequential={not args.no_true_sequential}"]
-  overrides += [f"eval.max_windows={args.eval_windows}"] if args.eval_windows else []
-  overrides += ["eval.baseline=false"] if not args.baseline else []
-  overrides += [] if args.eval else ["eval.sources=[]"]
-  run = config.load_run_config(os.path.join(ROOT, CONFIGS[method]), overrides)
+def load_avg() -> str:
+  return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def timed(fn, repeats: int = 3) -> float:
+  """Median wall seconds of fn() (blocking on its result) after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, calibration and the demo run settings.
+
+
+def load(nsamples: int, seqlen: int):
+  model, params, tok = registry.load_model(aliases.resolve_model_path(aliases.SMOLLM2))
+  ids = data.calibration_windows("bundled", tok, nsamples=nsamples, seqlen=seqlen, seed=0)
+  return model, jax.device_get(params), tok, ids
+
+
+def run_config(method: str, nsamples: int, seqlen: int, out: str) -> config.RunConfig:
+  """The demo's settings (3 bits, groups of 64) for `method`."""
+  return config.run_config_from_dict(dict(
+      model=dict(path=aliases.SMOLLM2),
+      calibration=dict(source="bundled", nsamples=nsamples, seqlen=seqlen, seed=0),
+      quant=dict(method=method, knobs=dict(bits=3, group_size=64)),
+      output_dir=out, checkpoint="none"))
+
+
+def embedded(model, params, ids, batch: int) -> capture.Activations:
+  embed = jax.device_put({k: v for k, v in params.items() if k != "layers"})
+  return capture.embed_calibration(model, embed, ids, batch, on_host=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul: the reference throughput.
+
+
+def matmul_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
+  """(m, k, n) of every plain matmul a block capture runs on `tokens` rows: the linears'
+  forwards and the Hessians Xᵀ X ([d_in, tokens] x [tokens, d_in])."""
+  c = model.config
+  d, f, kv = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
+  return [(tokens, d, d), (tokens, d, kv), (tokens, d, f), (tokens, f, d),
+          (d, tokens, d), (f, tokens, f)]
+
+
+def matmul_rate(m: int, k: int, n: int) -> float:
+  """Gflop/s of one f32 [m, k] x [k, n] matmul (HIGHEST, as the pipeline)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+  f = jax.jit(hdot)
+  return 2 * m * k * n / timed(lambda: f(a, b), repeats=5) / 1e9
+
+
+def part_matmul(model, tokens: int) -> dict:
+  rates = {f"{m}x{k}x{n}": round(matmul_rate(m, k, n), 1)
+           for m, k, n in matmul_shapes(model, tokens)}
+  return dict(tokens=tokens, gflops=rates, load=load_avg())
+
+
+# ----------------------------------------------------------------------------------------------
+# capture: true-sequential group captures against their matmuls.
+
+
+def group_flops(model, paths, tokens: int, seqlen: int) -> float:
+  """Nominal flops of one capture of the group whose representatives are `paths`: the linears
+  it must run (those upstream of its inputs that are not kept), attention, and the Hessians."""
+  c = model.config
+  d, f, kv = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
+  names = {p[-1] for p in paths}
+  lin = lambda k, n: 2 * tokens * k * n
+  flops = sum(lin(get_d_in(model, p), get_d_in(model, p)) for p in paths)  # Hessians
+  if "o_proj" in names:
+    flops += lin(d, d) + 2 * lin(d, kv) + 2 * 2 * tokens * seqlen * d  # q, k, v, attention
+  if "up_proj" in names or "gate_proj" in names:
+    flops += lin(d, d)  # o_proj on its kept input
+  if "down_proj" in names:
+    flops += 2 * lin(d, f)  # up and gate on their kept input
+  return flops
+
+
+def get_d_in(model, path) -> int:
+  c = model.config
+  return c.intermediate_size if path[-1] == "down_proj" else c.hidden_size
+
+
+def reference_seconds(model, paths, tokens: int, seqlen: int, batch_tokens: int) -> float:
+  """The same multiplications as `group_flops`, timed as plain matmuls (per forward batch)."""
+  c = model.config
+  d, f, kv = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
+  names = {p[-1] for p in paths}
+  shapes = [(get_d_in(model, p), batch_tokens, get_d_in(model, p)) for p in paths]
+  if "o_proj" in names:
+    shapes += [(batch_tokens, d, d), (batch_tokens, d, kv), (batch_tokens, d, kv),
+               (batch_tokens, seqlen, d), (batch_tokens, seqlen, d)]  # attention as matmuls
+  if "up_proj" in names or "gate_proj" in names:
+    shapes += [(batch_tokens, d, d)]
+  if "down_proj" in names:
+    shapes += [(batch_tokens, d, f), (batch_tokens, d, f)]
+  per_batch = sum(2 * m * k * n / (matmul_rate(m, k, n) * 1e9) for m, k, n in shapes)
+  return per_batch * tokens / batch_tokens
+
+
+def part_capture(model, params, ids, blocks: list[int], batch: int) -> dict:
+  """Capture + Hessian seconds and Gflop/s per group, summed over `blocks` (unquantized
+  blocks; the Hessians and the reuse of kept inputs are those of the pipeline)."""
+  seqlen = ids.shape[1]
+  tokens = ids.shape[0] * seqlen
+  run = run_config("gptq", ids.shape[0], seqlen, "/tmp/unused")
+  acts = embedded(model, params, ids, batch)
+  sharing: dict = {}
+  rows = {}
+  for i in range(max(blocks) + 1):
+    layer = jax.device_put(model.layer_params(params, i))
+    classes = sequential._input_classes(model, layer, acts, i, sharing)  # pylint: disable=protected-access
+    if i in blocks:
+      plans = sequential.group_plans(run, model, i, classes)
+      for warm in (True, False):
+        kept = sequential._kept_inputs(run, acts)  # pylint: disable=protected-access
+        for plan in plans:
+          start = time.perf_counter()
+          jax.block_until_ready(capture.group_hessians(model, layer, acts, i, plan.reps, kept=kept,
+                                                       sharing=plan.sharing))
+          if not warm:
+            key = "+".join(p[-1] for p in plan.names)
+            row = rows.setdefault(key, dict(seconds=0.0, flops=0.0, paths=tuple(plan.reps)))
+            row["seconds"] += time.perf_counter() - start
+            row["flops"] += group_flops(model, plan.reps, tokens, seqlen)
+    acts = capture.block_outputs(model, layer, acts, i)
+  batch_tokens = batch * seqlen
+  out = {}
+  for key, row in rows.items():
+    ref = reference_seconds(model, row["paths"], tokens, seqlen, batch_tokens) * len(blocks)
+    out[key] = dict(seconds=round(row["seconds"], 3), gflops=round(row["flops"] / row["seconds"] / 1e9, 1),
+                    matmul_seconds=round(ref, 3), share_of_matmul=round(ref / row["seconds"], 2))
+  total = sum(r["seconds"] for r in rows.values())
+  ref_total = sum(o["matmul_seconds"] for o in out.values())
+  return dict(blocks=blocks, tokens=tokens, groups=out, seconds=round(total, 3),
+              matmul_seconds=round(ref_total, 3), share_of_matmul=round(ref_total / total, 2),
+              load=load_avg())
+
+
+# ----------------------------------------------------------------------------------------------
+# solve: all 210 linears.
+
+
+def layer_problems(model, params, ids, batch: int) -> list[tuple[dict, list]]:
+  """Per block: (block params, [(Hessian, {path: module name}) per set of linears sharing an
+  input]) on the unquantized model."""
+  acts = embedded(model, params, ids, batch)
+  out = []
+  for i in range(model.num_layers):
+    layer = jax.device_put(model.layer_params(params, i))
+    first = next(iter(acts))
+    classes = capture.shared_input_classes(model, layer, first.shape, first.dtype,
+                                           capture.kind_index(model, i))
+    reps = {cls[0]: sequential.module_name(i, cls[0]) for cls in classes}
+    hessians = capture.group_hessians(model, layer, acts, i, reps)
+    out.append((layer, [(hessians[cls[0]], {p: sequential.module_name(i, p) for p in cls})
+                        for cls in classes]))
+    acts = capture.block_outputs(model, layer, acts, i)
+  jax.block_until_ready(out[-1][1][-1][0])
+  return out
+
+
+def flop_estimate(model, problems) -> float:
+  """Σ over linears of d_out·d_in² + d_in³/3 (the issue's GPTQ estimate)."""
+  total = 0.0
+  for layer, sets in problems:
+    for _, names in sets:
+      for path in names:
+        d_out, d_in = get_path(layer, path)["weight"].shape
+        total += d_out * d_in**2 + d_in**3 / 3
+  return total
+
+
+def solve_seconds(run, problems, blocks) -> tuple[float, float]:
+  """(seconds, summed objective) to solve and pack the linears of `blocks` as the pipeline
+  does, after a warm-up on the first of them (compilation excluded)."""
+  def solve(i):
+    layer, sets = problems[i]
+    objective = 0.0
+    for H, names in sets:
+      for stack in sequential.solve_stacks(run, sequential.GroupPlan(
+          names=names, rep_of={p: next(iter(names)) for p in names}, reps={}, sharing={})):
+        _, _, records = sequential.quantize_linears(run, layer, {p: names[p] for p in stack}, H)
+        objective += sum(r["objective"] for r in records)
+    return objective
+
+  solve(blocks[0])
   start = time.perf_counter()
-  metrics = sequential.quantize_model(run, progress=args.progress)
-  metrics["total_seconds"] = round(time.perf_counter() - start, 2)
-  metrics["calibration"] = f"{args.nsamples} x {args.seqlen}"
-  return metrics
+  objective = sum(solve(i) for i in blocks)
+  return time.perf_counter() - start, objective
 
 
-def spawn(method: str, args: argparse.Namespace, baseline: bool) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--nsamples",
-         str(args.nsamples), "--seqlen", str(args.seqlen), "--output-dir", args.output_dir,
-         "--checkpoint", args.checkpoint, "--eval-windows", str(args.eval_windows or 0)]
-  cmd += ["--baseline"] if baseline else []
-  cmd += ["--no-eval"] if not args.eval else []
-  cmd += ["--no-true-sequential"] if args.no_true_sequential else []
-  print("running", " ".join(cmd[1:]), flush=True)
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+def part_solve(model, params, ids, batch: int, descent_blocks: list[int]) -> dict:
+  problems = layer_problems(model, params, ids, batch)
+  all_blocks = list(range(model.num_layers))
+  estimate = flop_estimate(model, problems)
+  # The machine's rate: the median over the capture's matmul shapes.
+  rate = float(np.median([matmul_rate(*shape) for shape in matmul_shapes(model, 2048)]))
+  gptq_run = run_config("gptq", ids.shape[0], ids.shape[1], "/tmp/unused")
+  seconds, objective = solve_seconds(gptq_run, problems, all_blocks)
+  out = dict(linears=sum(len(n) for _, sets in problems for _, n in sets),
+             flop_estimate_gflop=round(estimate / 1e9, 1), matmul_gflops=round(rate, 1),
+             gptq_seconds=round(seconds, 2), gptq_objective=objective,
+             gptq_gflops=round(estimate / seconds / 1e9, 1),
+             flop_limit_seconds=round(estimate / rate / 1e9, 2),
+             gptq_vs_flop_limit=round(seconds / (estimate / rate / 1e9), 1), load=load_avg())
+  subset = {}
+  for method in ("gptq", "cd", "bcd"):
+    secs, obj = solve_seconds(run_config(method, ids.shape[0], ids.shape[1], "/tmp/unused"),
+                              problems, descent_blocks)
+    subset[method] = dict(seconds=round(secs, 2), objective=obj)
+  for method in ("cd", "bcd"):
+    subset[method]["x_gptq"] = round(subset[method]["seconds"] / subset["gptq"]["seconds"], 1)
+  out["descent"] = dict(blocks=descent_blocks, methods=subset, load=load_avg())
+  return out
 
 
-def markdown(results: dict, args: argparse.Namespace) -> str:
-  lines = [
-      "# Pipeline benchmark: SmolLM2-135M, 3-bit, layer-sequential", "",
-      f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs while "
-      f"measuring), {platform.python_version()}; `python experiments/bench_pipeline.py "
-      f"--nsamples {args.nsamples} --seqlen {args.seqlen}`. One subprocess per method. Calibration "
-      f"windows of the bundled corpus (column 'calibration'), "
-      f"{'true-sequential' if not args.no_true_sequential else 'not true-sequential'}, "
-      f"checkpoint `{args.checkpoint}`. Times include compilation.", "",
-      "| method | calibration | bits/param | rel. objective (sum) | perplexity | quantize s | "
-      "peak RSS MiB |", "|---|---|---|---|---|---|---|"]
-  base = None
-  for method, m in results.items():
-    s = m["summary"]
-    ppl = m.get("perplexity", {}).get("bundled", {}).get("ppl")
-    base = base or m.get("baseline_perplexity", {}).get("bundled", {}).get("ppl")
-    lines.append(f"| {method} | {m.get('calibration', '-')} | {s['bits_formula']:.3f} | {s['relative_objective_sum']:.5f} | "
-                 f"{'-' if ppl is None else f'{ppl:.3f}'} | {m['timing']['quantize_seconds']:.1f} | "
-                 f"{m['memory']['peak_host_mib']:.0f} |")
-  if base is not None:
-    lines.append(f"| fp32 (unquantized) | - | 32 | - | {base:.3f} | - | - |")
-  lines += ["", "Where the quantize time goes (seconds):", "",
-            "| method | " + " | ".join(p.replace("_seconds", "") for p in PHASES) + " |",
-            "|---|" + "---|" * len(PHASES)]
-  for method, m in results.items():
-    lines.append(f"| {method} | " + " | ".join(f"{m['timing'].get(p, 0.0):.1f}" for p in PHASES)
-                 + " |")
-  return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------------------------
+# run: the whole configs/smollm2/gptq_w3.yaml run.
+
+
+def part_run(out_dir: str, eval_windows: int | None) -> dict:
+  overrides = [f"output_dir={out_dir}", "checkpoint=none"]
+  if eval_windows:
+    overrides.append(f"eval.max_windows={eval_windows}")
+  run = config.load_run_config(RUN_CONFIG, overrides)
+  load_before = load_avg()
+  start = time.perf_counter()
+  metrics = sequential.quantize_model(run, progress=False)
+  seconds = time.perf_counter() - start
+  return dict(seconds=round(seconds, 1), timing=metrics["timing"],
+              perplexity=metrics.get("perplexity", {}).get("bundled", {}).get("ppl"),
+              baseline=metrics.get("baseline_perplexity", {}).get("bundled", {}).get("ppl"),
+              eval_windows=eval_windows or "all", load=f"{load_before} -> {load_avg()}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def markdown(results: dict, args) -> str:
+  lines = [f"## Measured {time.strftime('%Y-%m-%d %H:%M')} ({platform.machine()}, "
+           f"{os.cpu_count()} CPUs, jax {jax.__version__})", "",
+           "```json", json.dumps(results, indent=1), "```", ""]
+  del args
+  return "\n".join(lines)
 
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--methods", default="gptq,cd,spqr")
-  p.add_argument("--nsamples", type=int, default=128)
-  p.add_argument("--seqlen", type=int, default=512)
-  p.add_argument("--checkpoint", default="replay", choices=("replay", "activations", "none"))
-  p.add_argument("--eval-windows", type=int, default=0, help="0 = the whole evaluation split")
-  p.add_argument("--no-eval", dest="eval", action="store_false")
-  p.add_argument("--no-true-sequential", action="store_true")
-  p.add_argument("--output-dir", default=None)
-  p.add_argument("--out", default=None, help="write the Markdown table here")
-  p.add_argument("--from-dirs", nargs="+", metavar="METHOD=DIR",
-                 help="only render the table from finished runs' metrics.json")
-  p.add_argument("--one", help=argparse.SUPPRESS)
-  p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--progress", action="store_true")
+  p.add_argument("--parts", default=",".join(PARTS))
+  p.add_argument("--nsamples", type=int, default=32)
+  p.add_argument("--seqlen", type=int, default=256)
+  p.add_argument("--batch", type=int, default=8, help="calibration windows per block forward")
+  p.add_argument("--capture-blocks", default="10", help="blocks timed by the capture part")
+  p.add_argument("--descent-blocks", default="0,10,20,29",
+                 help="blocks on which CD and BCD are timed against GPTQ")
+  p.add_argument("--run-eval-windows", type=int, default=0,
+                 help="run part: evaluate only the first windows (0: the whole split)")
+  p.add_argument("--jax-cache", default="off", help="persistent compilation cache (run part)")
+  p.add_argument("--out", default=None, help="append the Markdown results here")
   args = p.parse_args()
-  if args.one:
-    print(json.dumps(run_one(args.one, args), sort_keys=True))
-    return 0
-  if args.from_dirs:
-    results = {}
-    for item in args.from_dirs:
-      method, directory = item.split("=", 1)
-      with open(os.path.join(directory, "metrics.json")) as f:
-        results[method] = json.load(f)
-      with open(os.path.join(directory, "run_config.json")) as f:
-        c = json.load(f)["calibration"]
-      results[method]["calibration"] = f"{c['nsamples']} x {c['seqlen']}"
-    return _emit(markdown(results, args), args.out)
-  with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
-    args.output_dir = args.output_dir or tmp
-    results = {}
-    for i, method in enumerate(args.methods.split(",")):
-      results[method] = spawn(method, args, baseline=(i == 0))
-      print(json.dumps({method: results[method]["timing"]}), flush=True)
-  return _emit(markdown(results, args), args.out)
-
-
-def _emit(text: str, out: str | None) -> int:
+  compilation.enable_persistent_cache(args.jax_cache)
+  parts = args.parts.split(",")
+  results = {"load_start": load_avg()}
+  model, params, _, ids = load(args.nsamples, args.seqlen)
+  tokens = args.batch * args.seqlen
+  if "matmul" in parts:
+    results["matmul"] = part_matmul(model, tokens)
+    print(json.dumps(results["matmul"]), flush=True)
+  if "capture" in parts:
+    blocks = [int(b) for b in args.capture_blocks.split(",")]
+    results["capture"] = part_capture(model, params, ids, blocks, args.batch)
+    print(json.dumps(results["capture"]), flush=True)
+  if "solve" in parts:
+    blocks = [int(b) for b in args.descent_blocks.split(",")]
+    results["solve"] = part_solve(model, params, ids, args.batch, blocks)
+    print(json.dumps(results["solve"]), flush=True)
+  if "run" in parts:
+    import tempfile  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+      results["run"] = part_run(tmp, args.run_eval_windows or None)
+    print(json.dumps(results["run"]), flush=True)
+  results["load_end"] = load_avg()
+  text = markdown(results, args)
   print(text)
-  if out:
-    with open(out, "w") as f:
+  if args.out:
+    with open(args.out, "a") as f:
       f.write(text)
   return 0
 

@@ -69,9 +69,8 @@ CONTEXT = {
     "seed": {"partition": "random"}, "bcd.seed": {"refine": "bcd", "bcd.partition": "random"},
 }
 # Descent solvers: the SpQR flavour and round_zero need an RTN start (GPTQ has no SpQR grid).
-for _method_field in ("grid.flavor", "grid.round_zero"):
-  CONTEXT[_method_field] = {"init.method": "rtn", "grid.flavor": "spqr"}
 CONTEXT["grid.flavor"] = {"init.method": "rtn"}
+CONTEXT["grid.round_zero"] = {"init.method": "rtn", "grid.flavor": "spqr"}
 # Damping bounds: shown on a Hessian that needs one escalation.
 NEEDS_ESCALATION = {"max_damp_escalations", "init.max_damp_escalations"}
 

@@ -137,7 +137,8 @@ def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = Tru
 def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.ndarray, *,
                     tokenizer=None, resume: bool = False, progress: bool = True,
                     after_block: Callable[[int], None] | None = None,
-                    source_dtypes: dict[str, str] | None = None) -> QuantizedRun:
+                    source_dtypes: dict[str, str] | None = None,
+                    baseline: dict | None = None) -> QuantizedRun:
   """Quantizes a loaded model on calibration_ids [N, T] and writes run.output_dir.
 
   Steps: resume (or start), embed (or replay), then per block: capture + solve (`quantize_block`),
@@ -145,6 +146,8 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   after_block(i) is called after block i is checkpointed (tests interrupt runs with it).
   source_dtypes: the checkpoint's type of each parameter (`registry.load_model` fills it), so
   that the exported unquantized tensors are no wider than they came (`export.storage_dtype`).
+  baseline: the unquantized model's perplexities when already known (a sweep computes them once
+  per model and evaluation settings); None computes them here when run.eval.baseline is set.
   Raises checkpoint.ResumeError when resuming a run of another model/data/config.
   """
   run.validate()
@@ -156,7 +159,8 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
-  baseline = _baseline(run, model, params, tokenizer, progress)
+  if baseline is None:
+    baseline = _baseline(run, model, params, tokenizer, progress)
   if baseline is not None:
     obs.phase("baseline_eval_seconds")
   state = _resume_or_start(run, model, params, fp, resume, obs.timer)

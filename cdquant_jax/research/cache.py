@@ -9,6 +9,9 @@
                                    evaluation (and calibration) texts go through it via
                                    `CachingTokenizer`, so points sharing data tokenize once.
   CACHE_DIR/banks/<key>/           layer-problem banks (`research.bank.ensure_bank`)
+  CACHE_DIR/baselines/<key>.json   the unquantized model's perplexities; key = sha256 of {model
+                                   hash (config and every parameter's bytes), eval settings,
+                                   sha256 of each local eval file, tokenizer hash, default seqlen}
 The tokenizer hash is the sha256 of its JSON (`tokenizers.Tokenizer.to_str`); a tokenizer
 without one is not cached. Entries are written atomically (temporary file + rename), so workers
 computing the same entry at once are harmless.
@@ -136,3 +139,22 @@ class CachingTokenizer:
     else:
       self.misses += 1
     return _load_or_compute(path, lambda: encoder.encode(text))
+
+
+def baseline_key(model_hash: str, eval_settings: dict, default_seqlen: int, tok_hash: str) -> str:
+  """The cache key of a baseline evaluation; eval_settings is `config.to_dict(EvalSettings)`."""
+  paths = eval_settings.get("paths") or {}
+  return key_of(dict(kind="baseline", model=model_hash, eval=eval_settings,
+                     paths_sha256={s: file_sha256(p) for s, p in sorted(paths.items())},
+                     default_seqlen=default_seqlen, tokenizer=tok_hash))
+
+
+def cached_json(cache_dir: str, kind: str, key: str, compute) -> Any:
+  """CACHE_DIR/<kind>/<key>.json when present, else compute() written there atomically."""
+  path = os.path.join(cache_dir, kind, key + ".json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  value = compute()
+  io_utils.atomic_write_json(path, value)
+  return value

@@ -38,7 +38,7 @@ from cdquant_jax import data, io_utils
 from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
-from cdquant_jax.pipeline import checkpoint, memory, runlog, sequential
+from cdquant_jax.pipeline import checkpoint, evaluation, memory, runlog, sequential
 from cdquant_jax.pipeline import config as run_lib
 from cdquant_jax.research import bank, cache, store
 from cdquant_jax.research import sweep as sweep_lib
@@ -177,12 +177,31 @@ def _calibration(job: Job, run: run_lib.RunConfig):
   return model, params, tok, dtypes, ids
 
 
+_MODEL_HASHES: dict[tuple, str] = {}  # (path, dtype) -> checkpoint.model_hash of the loaded model
+
+
+def _baseline(job: Job, run: run_lib.RunConfig, model, params, tok) -> dict | None:
+  """The unquantized model's perplexities, evaluated once per model and eval settings
+  (CACHE_DIR/baselines/), or None when the point asks for no baseline."""
+  if not (run.eval.baseline and run.eval.sources) or tok.tok_hash is None:
+    return None
+  source = (run.model.path, run.model.dtype)
+  if source not in _MODEL_HASHES:
+    _MODEL_HASHES.clear()
+    _MODEL_HASHES[source] = checkpoint.model_hash(model, params)
+  key = cache.baseline_key(_MODEL_HASHES[source], config_lib.to_dict(run.eval),
+                           run.calibration.seqlen, tok.tok_hash)
+  return cache.cached_json(job.cache_dir, "baselines", key, lambda: evaluation.evaluate_sources(
+      run.eval, model, params, tok, default_seqlen=run.calibration.seqlen))
+
+
 def _run_sequential(job: Job, run: run_lib.RunConfig, after_block, progress: bool) -> dict:
   model, params, tok, dtypes, ids = _calibration(job, run)
   resume = run.checkpoint != "none" and checkpoint.load_state(run.output_dir) is not None
   result = sequential.quantize_loaded(run, model, params, ids, tokenizer=tok, resume=resume,
                                       progress=progress, after_block=after_block,
-                                      source_dtypes=dtypes)
+                                      source_dtypes=dtypes,
+                                      baseline=_baseline(job, run, model, params, tok))
   return dict(**sequential_fields(result.metrics), calibration_token_hash=data.token_hash(ids),
               resumed=resume)
 

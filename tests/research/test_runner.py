@@ -8,7 +8,9 @@ import os
 import pytest
 
 from cdquant_jax import config as config_lib
-from cdquant_jax.pipeline import checkpoint
+from cdquant_jax.models import registry
+from cdquant_jax.pipeline import checkpoint, evaluation
+from cdquant_jax.pipeline import config as run_lib
 from cdquant_jax.research import runner, store, sweep
 from tests.research import tiny_model
 
@@ -70,6 +72,16 @@ def test_points_share_the_cached_token_ids(reference):
   assert len(os.listdir(os.path.join(cache, "calibration"))) == 1  # one seed, one source
   assert len(os.listdir(os.path.join(cache, "tokens"))) == 2  # calibration + evaluation text
   assert len({r["calibration_token_hash"] for r in rows}) == 1
+
+
+def test_points_share_one_baseline_equal_to_a_direct_evaluation(fixture, reference):
+  outcome, rows = reference
+  assert len(os.listdir(os.path.join(outcome.directory, "cache", "baselines"))) == 1
+  run = run_lib.run_config_from_dict(tiny_model.run_dict(fixture))
+  model, params, tokenizer = registry.load_model(fixture["model"], "float32")
+  direct = evaluation.evaluate_sources(run.eval, model, params, tokenizer,
+                                       default_seqlen=run.calibration.seqlen)
+  assert [r["baseline_perplexity"] for r in rows] == [{"text": direct["text"]["ppl"]}] * 3
 
 
 def test_killed_sweep_resumes_to_the_same_rows(fixture, reference, tmp_path):

@@ -1,4 +1,5 @@
-"""`cdquant sweep --config sweeps/X.yaml [--dry-run] [--jobs N] [--out DIR] [--cache DIR]`.
+"""`cdquant sweep --config sweeps/X.yaml [--dry-run] [--jobs N] [--devices 0,1] [--out DIR]
+[--cache DIR]`.
 
 Expands the sweep (`research.sweep`) and runs its points that have no "done" row yet in
 SWEEP_DIR/results.jsonl (`research.runner`); --dry-run lists the points (name, hash, axes,
@@ -18,7 +19,10 @@ from cdquant_jax.cli import errors
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
   p.add_argument("--dry-run", action="store_true", help="list the points, run nothing")
-  p.add_argument("--jobs", type=int, default=1, help="points run in parallel processes")
+  p.add_argument("--jobs", type=int, default=None, help="points run in parallel processes "
+                 "(default 1)")
+  p.add_argument("--devices", help="comma-separated GPU ids, one worker per device (--jobs "
+                 "defaults to their number)")
   p.add_argument("--out", help="sweep directory (default: the sweep's output_dir)")
   p.add_argument("--cache", help="shared cache directory (default: SWEEP_DIR/cache)")
   p.add_argument("--no-progress", action="store_true", help="no per-point progress bar")
@@ -26,18 +30,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from cdquant_jax.research import runner, sweep  # pylint: disable=import-outside-toplevel
-  errors.require(args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}")
+  devices = _devices(args.devices)
+  jobs = args.jobs if args.jobs is not None else len(devices) if devices else 1
+  errors.require(jobs >= 1, f"--jobs must be >= 1, got {jobs}")
+  errors.require(devices is None or jobs == len(devices),
+                 f"--jobs {jobs} with --devices {args.devices}: one worker per device")
   with errors.about(args.config):
     spec = sweep.load_sweep(args.config)
     directory, points, done = runner.plan(spec, args.out)
   if args.dry_run:
     print(format_points(spec, directory, points, done))
     return 0
-  outcome = runner.run_sweep(spec, out=args.out, cache=args.cache, jobs=args.jobs,
-                             progress=not args.no_progress and args.jobs == 1, report=print)
+  outcome = runner.run_sweep(spec, out=args.out, cache=args.cache, jobs=jobs, devices=devices,
+                             progress=not args.no_progress and jobs == 1, report=print)
   print(f"{len(outcome.done)} done, {len(outcome.failed)} failed, {len(outcome.skipped)} "
         f"skipped (already done); results in {directory}/results.jsonl")
   return 1 if outcome.failed else 0
+
+
+def _devices(text: str | None) -> tuple[str, ...] | None:
+  """("0", "1") for "0,1"; None for no --devices. Ids must be distinct non-negative integers."""
+  if text is None:
+    return None
+  ids = tuple(part.strip() for part in text.split(","))
+  errors.require(all(i.isdigit() for i in ids) and len(set(ids)) == len(ids),
+                 f"--devices must be distinct GPU ids like 0,1, got {text!r}")
+  return ids
 
 
 def format_points(spec, directory: str, points, done: set[str]) -> str:

@@ -12,7 +12,9 @@ cache (`research.cache`); bank points solve every layer of the bank of their mod
 calibration data (`research.bank`, cached by content) and write RUN_DIR/log.jsonl and
 metrics.json. With jobs > 1 the points go to `jobs` spawned processes (`concurrent.futures`),
 each appending its own rows under the store's file lock; a worker process loads each model once,
-and the banks of bank points are built by the parent before the points are handed out.
+and the banks of bank points are built by the parent before the points are handed out. With
+`devices` (accelerator ids, e.g. the GPUs "0,1,2,3"), each worker owns one of them
+(`DEVICE_ENV` is set before the worker's first JAX computation), so points run one per device.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from cdquant_jax.solvers import knobs as knobs_lib
 
 ERROR_FILE = "error.txt"
 SWEEP_FILE = "sweep.json"
+# The variable that limits a worker to its device (NVIDIA GPUs; read at backend start).
+DEVICE_ENV = "CUDA_VISIBLE_DEVICES"
+_WORKER_DEVICE: str | None = None  # this worker's device id, set by `_pin_device`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +246,8 @@ def _run_bank(job: Job, run: run_lib.RunConfig) -> dict:
 def _base_fields(job: Job, run: run_lib.RunConfig) -> dict:
   return dict(point=job.point, name=job.name, sweep=job.sweep, mode=job.mode,
               variant=job.variant, axes=job.axes, config=job.run, seed=run.calibration.seed,
-              run_dir=run.output_dir, **job.provenance, **effective_settings(run.quant))
+              run_dir=run.output_dir, device=_WORKER_DEVICE, **job.provenance,
+              **effective_settings(run.quant))
 
 
 def run_point(job: Job, *, after_block: Callable[[int], None] | None = None,
@@ -264,6 +270,13 @@ def run_point(job: Job, *, after_block: Callable[[int], None] | None = None,
   row = store.complete_row(row)
   store.append_row(job.results, row)
   return row
+
+
+def _pin_device(device_ids) -> None:
+  """Worker initializer: takes one device id from the queue and makes it the only visible one."""
+  global _WORKER_DEVICE  # pylint: disable=global-statement  # one value per worker process
+  _WORKER_DEVICE = device_ids.get()
+  os.environ[DEVICE_ENV] = _WORKER_DEVICE
 
 
 def _worker(job: Job) -> tuple[str, str]:
@@ -320,14 +333,20 @@ def _write_sweep_file(sweep: sweep_lib.SweepConfig, directory: str,
 def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: str | None = None,
               jobs: int = 1, progress: bool = False,
               report: Callable[[str], None] = lambda line: None,
-              after_block: Callable[[str, int], None] | None = None) -> SweepOutcome:
+              after_block: Callable[[str, int], None] | None = None,
+              devices: tuple[str, ...] | None = None) -> SweepOutcome:
   """Runs the points of `sweep` that have no "done" row yet (see the module docstring).
 
   after_block(point name, block): called after each checkpointed block of a sequential point
   (jobs=1 only; tests interrupt sweeps with it).
+  devices: accelerator ids, one per worker (jobs must equal their number); None shares the
+  devices this process sees.
   """
   if jobs < 1:
     raise config_lib.ConfigError(f"jobs must be >= 1, got {jobs}")
+  if devices is not None and (len(devices) != jobs or len(set(devices)) != jobs):
+    raise config_lib.ConfigError(f"devices {list(devices)}: one distinct device per job needed "
+                                 f"(jobs={jobs})")
   directory, points, done = plan(sweep, out)
   os.makedirs(directory, exist_ok=True)
   _write_sweep_file(sweep, directory, points)
@@ -337,13 +356,13 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
          f"in {directory}")
   results: dict[str, str] = {}
   all_jobs = _jobs(sweep, directory, cache, todo)
-  if jobs == 1 or len(all_jobs) <= 1:
+  if devices is None and (jobs == 1 or len(all_jobs) <= 1):
     for k, job in enumerate(all_jobs, 1):
       hook = None if after_block is None else (lambda i, name=job.name: after_block(name, i))
       results[job.name] = run_point(job, after_block=hook, progress=progress)["status"]
       report(f"[{k}/{len(all_jobs)}] {job.name}: {results[job.name]}")
   else:
-    results = _run_parallel([_with_bank(job) for job in all_jobs], jobs, report)
+    results = _run_parallel([_with_bank(job) for job in all_jobs], jobs, report, devices)
   return SweepOutcome(directory, skipped, tuple(n for n, s in results.items() if s == "done"),
                       tuple(n for n, s in results.items() if s != "done"))
 
@@ -360,11 +379,20 @@ def _with_bank(job: Job) -> Job:
     return job
 
 
-def _run_parallel(all_jobs: list[Job], jobs: int, report) -> dict[str, str]:
-  """Runs the jobs in `jobs` spawned worker processes; {point name: status}."""
+def _run_parallel(all_jobs: list[Job], jobs: int, report,
+                  devices: tuple[str, ...] | None = None) -> dict[str, str]:
+  """Runs the jobs in `jobs` spawned worker processes (each on one of `devices` when given);
+  {point name: status}."""
   results = {}
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+  pinning = {}
+  if devices is not None:
+    device_ids = context.Manager().Queue()
+    for device in devices:
+      device_ids.put(device)
+    pinning = dict(initializer=_pin_device, initargs=(device_ids,))
+  with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                              **pinning) as pool:
     futures = [pool.submit(_worker, job) for job in all_jobs]
     try:
       for k, future in enumerate(concurrent.futures.as_completed(futures), 1):

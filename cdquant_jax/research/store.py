@@ -65,7 +65,7 @@ ROW_FIELDS = (
     "perplexity", "baseline_perplexity", "modules", "params_quantized", "bits_formula",
     "bits_stored", "objective_sum", "relative_objective_sum", "mean_relative_objective",
     "outlier_share", "quantize_seconds", "timing", "peak_rss_mib", "peak_device_mib", "resumed",
-    "bank", "layers")
+    "bank", "layers", "device")
 
 
 class StoreError(config_lib.ConfigError):

@@ -49,6 +49,10 @@ def test_sweep_dry_run_lists_points(tmp_path, capsys):
     ("bad axis value", {"base": BASE, "axes": {"quant.knobs.bits": [3, 12]}}, [],
      "quant.knobs.bits=12"),
     ("jobs", {"base": BASE}, ["--jobs", "0"], "--jobs must be >= 1"),
+    ("devices", {"base": BASE}, ["--devices", "0,x"], "--devices must be distinct GPU ids"),
+    ("repeated device", {"base": BASE}, ["--devices", "1,1"], "'1,1'"),
+    ("jobs vs devices", {"base": BASE}, ["--jobs", "3", "--devices", "0,1"],
+     "--jobs 3 with --devices 0,1"),
     ("unknown flag", {"base": BASE}, ["--jobz", "2"], "--jobz"),
 ])
 def test_sweep_bad_input(tmp_path, capsys, case, sweep_file, extra, named):

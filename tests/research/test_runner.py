@@ -132,3 +132,16 @@ def test_two_jobs_give_the_rows_of_one(fixture, reference, tmp_path):
   assert sorted(outcome.done) == sorted(r["name"] for r in expected)
   rows = store.read_rows(store.results_file(str(tmp_path)))
   assert _measured(rows) == _measured(expected)
+
+
+def test_one_worker_per_device(fixture, reference, tmp_path):
+  """With devices, each worker process owns one id (its CUDA_VISIBLE_DEVICES) and records it;
+  the results are those of one process."""
+  _, expected = reference
+  outcome = runner.run_sweep(_spec(fixture), out=str(tmp_path), jobs=2, devices=("0", "1"))
+  rows = store.read_rows(store.results_file(outcome.directory))
+  assert {r["device"] for r in rows} <= {"0", "1"} and all(r["device"] for r in rows)
+  assert _measured(rows) == _measured(expected)
+  assert {r["device"] for r in expected} == {None}
+  with pytest.raises(config_lib.ConfigError, match="one distinct device per job"):
+    runner.run_sweep(_spec(fixture), out=str(tmp_path), jobs=2, devices=("0",))

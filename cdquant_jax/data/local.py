@@ -8,6 +8,9 @@ The bundled corpus (`corpus/austen.txt.gz`, provenance in
 (public domain, from Debian `r-cran-janeaustenr` 1.0.0-1). Its fixed splits are
 by paragraph (`"\\n\\n"`-separated): calibration = the first
 `floor(0.9 * n_paragraphs)` paragraphs, evaluation = the rest.
+The second bundled corpus (`corpus/licenses.txt.gz`, evaluation only) is the
+licence texts of Debian `base-files` (GPL, LGPL, GFDL, MPL, Apache, Artistic,
+BSD, CC0): legal English, out of the calibration text's domain.
 """
 
 import gzip
@@ -19,6 +22,8 @@ CORPUS_DIR = pathlib.Path(__file__).parent / "corpus"
 BUNDLED_PATH = CORPUS_DIR / "austen.txt.gz"
 # sha256 of the decompressed UTF-8 text (see PROVENANCE.md).
 BUNDLED_TEXT_SHA256 = "21cf93e0b46793fa81582013a23b52a7b04f3a6ba3ca11fb038da04f1c418eeb"
+LICENSES_PATH = CORPUS_DIR / "licenses.txt.gz"
+LICENSES_TEXT_SHA256 = "6ad8dbfc39d11fc7c0fb06cfdc2d9d54b75d12d5639ae94c7fbb1acdf687dfbf"
 BUNDLED_CALIBRATION_FRACTION = 0.9
 PARAGRAPH_SEPARATOR = "\n\n"
 SPLITS = ("calibration", "evaluation", "all")
@@ -94,15 +99,25 @@ def read_rows(path, *, field: str = "text") -> list[str]:
   return [read_text(path)]
 
 
-def bundled_full_text(*, verify: bool = True) -> str:
-  """The decompressed bundled corpus; checks its sha256 against PROVENANCE.md."""
-  text = _open_text(BUNDLED_PATH)
+def _verified_text(path: pathlib.Path, sha256: str, verify: bool) -> str:
+  """The decompressed corpus at path; with verify, checks its sha256 (PROVENANCE.md)."""
+  text = _open_text(path)
   if verify:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if digest != BUNDLED_TEXT_SHA256:
-      raise ValueError(f"bundled corpus {BUNDLED_PATH} has sha256 {digest}, "
-                       f"expected {BUNDLED_TEXT_SHA256}: the file was modified")
+    if digest != sha256:
+      raise ValueError(f"bundled corpus {path} has sha256 {digest}, expected {sha256}: "
+                       "the file was modified")
   return text
+
+
+def bundled_full_text(*, verify: bool = True) -> str:
+  """The decompressed bundled corpus; checks its sha256 against PROVENANCE.md."""
+  return _verified_text(BUNDLED_PATH, BUNDLED_TEXT_SHA256, verify)
+
+
+def licenses_text(*, verify: bool = True) -> str:
+  """The second bundled corpus (licence texts, evaluation only) as one document."""
+  return _verified_text(LICENSES_PATH, LICENSES_TEXT_SHA256, verify)
 
 
 def bundled_paragraphs() -> list[str]:

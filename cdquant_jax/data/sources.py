@@ -13,6 +13,7 @@ SpQR/AQLM spellings `c4_new`/`ptb_new` work too):
 | pajama, redpajama | RedPajama-1T-Sample, document windows (`>`) | - |
 | refinedweb | first 20k rows of falcon-refinedweb, document windows (`>=`) | - |
 | bundled | Austen calibration split, stream windows | Austen evaluation split |
+| licenses | - | the second bundled corpus (Debian licence texts), whole |
 | text | the file as one document, stream windows | the file |
 | jsonl, parquet | rows `"\\n\\n"`-joined, stream windows | rows `"\\n\\n"`-joined |
 
@@ -33,7 +34,8 @@ HUB_FIELDS = {"c4": "text", "wikitext2": "text", "ptb": "sentence", "pajama": "t
 FILE_SOURCES = ("text", "jsonl", "parquet")
 CALIBRATION_SOURCES = ("c4", "c4-new", "wikitext2", "ptb", "ptb-new", "pajama", "redpajama",
                        "refinedweb", "bundled") + FILE_SOURCES
-EVALUATION_SOURCES = ("wikitext2", "c4", "c4-new", "ptb", "ptb-new", "bundled") + FILE_SOURCES
+EVALUATION_SOURCES = ("wikitext2", "c4", "c4-new", "ptb", "ptb-new", "bundled",
+                      "licenses") + FILE_SOURCES
 LOCAL_JOIN = "\n\n"
 WIKITEXT2_TRAIN_JOIN = " "
 
@@ -130,6 +132,8 @@ def evaluation_ids(source: str, tokenizer, *, seqlen: int = 2048, path=None,
   # [N] -> [1, N] for the single-document sources below.
   if name == "bundled":
     return encode(local.bundled_text("evaluation")).reshape(1, -1)
+  if name == "licenses":
+    return encode(local.licenses_text()).reshape(1, -1)
   if name in FILE_SOURCES:
     return encode(_file_document(name, path, field)).reshape(1, -1)
   raise ValueError(f"unknown evaluation source {source!r}; known: {EVALUATION_SOURCES}")

@@ -100,3 +100,19 @@ def test_parquet_needs_pyarrow(tmp_path):
     pass
   with pytest.raises(ImportError, match="pyarrow"):
     local.read_parquet(tmp_path / "x.parquet")
+
+
+def test_licenses_corpus_matches_recorded_sha256_and_is_evaluation_only():
+  text = (local.CORPUS_DIR / "PROVENANCE.md").read_text().split("# Second bundled corpus")[1]
+  gz = re.search(r"sha256 of `licenses.txt.gz` \| `([0-9a-f]{64})`", text).group(1)
+  plain = re.search(r"sha256 of the decompressed UTF-8 text \| `([0-9a-f]{64})`", text).group(1)
+  raw = local.LICENSES_PATH.read_bytes()
+  assert hashlib.sha256(raw).hexdigest() == gz
+  assert hashlib.sha256(gzip.decompress(raw)).hexdigest() == plain == local.LICENSES_TEXT_SHA256
+  licenses = local.licenses_text()
+  assert "GNU GENERAL PUBLIC LICENSE" in licenses and "Apache License" in licenses
+  assert "Elizabeth" not in licenses  # nothing of the calibration corpus
+  ids = evaluation_ids("licenses", byte_encode)
+  np.testing.assert_array_equal(ids, byte_encode(licenses).reshape(1, -1))
+  with pytest.raises(ValueError, match="unknown calibration source 'licenses'"):
+    calibration_windows("licenses", byte_encode, nsamples=2, seqlen=8)

@@ -2,6 +2,8 @@
 
 Checkpoint directory `<output_dir>/checkpoint/`:
   block_0003.safetensors   the QuantizedWeights of block 3 (`quant.serialize` format)
+  block_0003_params.npz    block 3's tuned unquantized params (dotted path -> array; runs with
+                           tune.params norms only)
   activations_0003.npy     [N, T, D] outputs of block 3 = inputs of the next block (checkpoint
                            "activations" only; older files are removed after state.json)
   state.json               {"fingerprint", "blocks_done", "records", "seconds"}; written last,
@@ -112,6 +114,27 @@ def save_block(output_dir: str, block: int, qweights: dict, state: dict,
   io_utils.atomic_write_json(os.path.join(checkpoint_dir(output_dir), STATE_FILE), state)
   if block > 0 and os.path.exists(activations_file(output_dir, block - 1)):
     os.remove(activations_file(output_dir, block - 1))
+
+
+def block_params_file(output_dir: str, block: int) -> str:
+  return os.path.join(checkpoint_dir(output_dir), f"block_{block:04d}_params.npz")
+
+
+def save_block_params(output_dir: str, block: int, tensors: dict[str, np.ndarray]) -> None:
+  """Writes block `block`'s tuned unquantized params (dotted path in the block -> array);
+  call it before `save_block`, whose state.json then covers it."""
+  with io_utils.atomic_path(block_params_file(output_dir, block)) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **tensors)
+
+
+def load_block_params(output_dir: str, block: int) -> dict[str, np.ndarray]:
+  """What `save_block_params` wrote for `block` ({} when nothing was)."""
+  path = block_params_file(output_dir, block)
+  if not os.path.exists(path):
+    return {}
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
 
 
 def activations_file(output_dir: str, block: int) -> str:

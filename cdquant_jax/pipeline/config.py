@@ -21,6 +21,7 @@ from typing import Literal
 
 from cdquant_jax import config as config_lib
 from cdquant_jax.models import aliases
+from cdquant_jax.pipeline.tune import TuneConfig
 from cdquant_jax.solvers import api
 from cdquant_jax.solvers import knobs as knobs_lib
 
@@ -125,6 +126,7 @@ class RunConfig:
   Llama blocks), where the activations live. exports: serving formats written after the run
   (`cdquant_jax.export`) into output_dir/export/<format>; a module a format cannot hold fails
   the export with one line (the run directory is complete by then: `cdquant export` can retry).
+  tune: per-block tuning of the continuous parameters after the solve (`pipeline.tune`).
   """
 
   model: ModelSource = ModelSource()
@@ -137,6 +139,7 @@ class RunConfig:
   checkpoint: Literal["replay", "activations", "none"] = "replay"
   keep_linear_inputs: bool = True
   exports: tuple[ExportFormat, ...] = ()
+  tune: TuneConfig = TuneConfig()
 
   def validate(self) -> "RunConfig":
     """Raises ConfigError for a bad value; returns self."""
@@ -164,6 +167,8 @@ class RunConfig:
     if unknown:
       raise config_lib.ConfigError(f"quant.solvers: unknown method(s) {unknown}")
     check_solver_settings(self.quant)
+    self.tune.check_run(self.calibration.nsamples, (self.quant.method,) + tuple(
+        r.method for r in self.quant.rules if r.method))
     return self
 
 

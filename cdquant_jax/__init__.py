@@ -14,6 +14,9 @@ The public API (`import cdquant_jax as cq`):
     cq.load_model(path_or_hub_id, dtype) -> (model, params, tokenizer)
     cq.quantize_model(run_config) -> metrics;  cq.load_quantized_model(run_dir)
     cq.export_model(run_dir, "gptq" | "compressed-tensors" | "gguf", output_dir)
+  Any Flax NNX model (`cdquant_jax.nnx`: also save_quantized_nnx / load_quantized_nnx)
+    cq.quantize_nnx(model, ids, blocks="layers.*", embed=fn, method=..., knobs=...) -> result
+    cq.QuantizedLinear: the NNX module a quantized nnx.Linear / nnx.Einsum becomes
 
 Names resolve lazily, so `import cdquant_jax` (and the `cdquant` command) stays fast.
 """
@@ -53,6 +56,8 @@ _API: dict[str, tuple[str, str]] = {
     "quantize_model": ("cdquant_jax.pipeline.sequential", "quantize_model"),
     "load_quantized_model": ("cdquant_jax.pipeline.export", "load_quantized_model"),
     "export_model": ("cdquant_jax.export", "export_model"),
+    "quantize_nnx": ("cdquant_jax.nnx", "quantize_nnx"),
+    "QuantizedLinear": ("cdquant_jax.nnx", "QuantizedLinear"),
 }
 
 __all__ = sorted(_API)

@@ -119,15 +119,17 @@ class EinsumLayout:
 
   def weight(self, kernel: jax.Array) -> jax.Array:
     """W [d_out, d_in] from the kernel [rhs...] (rows: features, columns: contracted labels)."""
-    # [rhs...] -> [features..., contracted...] -> [d_out, d_in]
+    # [rhs...] -> [features..., contracted...] (a transpose)
     permuted = jnp.einsum(f"{self.rhs_labels}->{self.features}{self.contracted}", kernel)
+    # [features..., contracted...] -> [d_out, d_in]
     return permuted.reshape(self.d_out, self.d_in)
 
   def kernel(self, W: jax.Array) -> jax.Array:
     """The inverse of `weight`: W [d_out, d_in] -> kernel [rhs...]."""
     sizes = [self.size(c) for c in self.features + self.contracted]
-    # [d_out, d_in] -> [features..., contracted...] -> [rhs...]
+    # [d_out, d_in] -> [features..., contracted...]
     unflat = W.reshape(sizes)
+    # [features..., contracted...] -> [rhs...] (a transpose)
     return jnp.einsum(f"{self.features}{self.contracted}->{self.rhs_labels}", unflat)
 
   def flatten_input(self, x: jax.Array) -> jax.Array:
@@ -135,6 +137,7 @@ class EinsumLayout:
     sequences for the Hessian)."""
     e = ELLIPSIS if self.has_ellipsis else ""
     src, dst = e + self.lhs_labels, e + self.batch + self.contracted
+    # [lhs...] -> [batch..., contracted...] (a transpose; none for nnx.Linear)
     moved = x if src == dst else jnp.einsum(f"{src}->{dst}", x)
     lead = moved.shape[:moved.ndim - len(self.contracted)]
     # [batch..., contracted...] -> [batch..., d_in]
@@ -147,6 +150,7 @@ class EinsumLayout:
     # [batch..., d_out] -> [batch..., features...]
     y = y.reshape(*lead, *(self.size(c) for c in self.features))
     src, dst = e + self.batch + self.features, e + self.out_labels
+    # [batch..., features...] -> [out...] (a transpose; none for nnx.Linear)
     return y if src == dst else jnp.einsum(f"{src}->{dst}", y)
 
   def bias_shape(self) -> tuple[int, ...]:

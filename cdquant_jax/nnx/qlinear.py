@@ -52,10 +52,12 @@ def flat_bias(module: nnx.Module, layout: EinsumLayout) -> jax.Array | None:
     return None
   value = bias[...]
   out_features = "".join(c for c in layout.out_labels if c in layout.features)
-  # bias [bias_shape] -> [features in output order] -> [features in kernel order] -> [d_out]
+  # [bias_shape] -> [features in output order]
   value = value.reshape([layout.size(c) for c in out_features])
   if out_features != layout.features:
+    # [features in output order] -> [features in kernel order] (a transpose)
     value = jnp.einsum(f"{out_features}->{layout.features}", value)
+  # [features...] -> [d_out]
   return value.reshape(layout.d_out)
 
 

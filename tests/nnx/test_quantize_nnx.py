@@ -16,9 +16,12 @@ import pytest
 from flax import nnx
 
 from cdquant_jax.nnx import QuantizedLinear, calibrate, quantize_nnx
+from cdquant_jax.nnx.qlinear import weight_of
 from cdquant_jax.pipeline import capture
 from cdquant_jax.pipeline.config import run_config_from_dict
 from cdquant_jax.pipeline.sequential import quantize_loaded
+from cdquant_jax.solvers import api
+from cdquant_jax.solvers import knobs as knobs_lib
 from tests.nnx import tiny_decoder as td
 
 NSAMPLES, SEQLEN, BATCH = 16, 16, 8
@@ -186,3 +189,21 @@ def test_block_inputs_given_directly(calib):
                           knobs={"bits": 4})
   for name, qw in embedded.qweights.items():
     np.testing.assert_array_equal(direct.qweights[name].codes, qw.codes)
+
+
+def test_without_true_sequential_every_hessian_is_from_the_unquantized_block(calib):
+  original = td.make_decoder()
+  inputs = _oracle_inputs(original.layers[0], original.embed_tokens(jnp.asarray(calib)))
+  out = quantize_nnx(td.make_decoder(), calib, blocks="layers.0", embed=td.embed,
+                     quant={"true_sequential": False, "knobs": KNOBS,
+                            "rules": [{"pattern": r"o_proj$", "method": "rtn"}]},
+                     batch_size=BATCH)
+  records = {r["module"]: r for r in out.records}
+  assert records["layers.0.self_attn.o_proj"]["method"] == "rtn"
+  cfg = knobs_lib.apply(api.default_config("gptq"), **KNOBS)
+  for a, b in [("self_attn", "q_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")]:
+    X = inputs[b].reshape(-1, inputs[b].shape[-1])
+    H = jnp.asarray(2.0 / NSAMPLES * X.T @ X, jnp.float32)
+    W = weight_of(getattr(getattr(original.layers[0], a), b))
+    direct = float(api.solve("gptq", W, H, cfg).objective)
+    np.testing.assert_allclose(records[f"layers.0.{a}.{b}"]["objective"], direct, rtol=1e-4)

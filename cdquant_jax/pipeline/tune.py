@@ -22,7 +22,14 @@ What is tuned, per parameter family (`TuneConfig.params`) and storage format (`Q
   norms     every leaf of the block's norms (input_layernorm, post_attention_layernorm, q_norm,
             ...), in the model dtype
 Codes, permutations, outlier positions and the metadata never change. The optimizer keeps f32
-master copies; only the evaluated (and stored) values are rounded.
+master copies; only the evaluated (and stored) values are rounded. Learning rates are relative:
+each array's Adam steps are scaled by its initial RMS (`scale_by_initial_rms`), so one rate
+serves scales (~1e-2), norms (~1) and second-level zeros (code units) alike.
+
+Cost per block: one full-precision forward over the calibration set (the targets), `steps`
+forward + backward passes on `batch_windows` windows, and a held-out forward every
+`eval_every` steps; memory: the block's inputs and targets as host copies ([N, T, D] f32 each).
+A tuned block propagates without the kept linear inputs (they predate the tuned parameters).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `cdquant` command: `quantize` (a model, layer by layer), `eval` (perplexity), `layer` (one
 layer problem), `generate` (text from a quantized model), `demo` (the offline main job), `report`
 (tables and plots of a sweep), `sweep` (run a sweep of run configs), `bank` (a model's layer
-problems).
+problems), `plan` (per-device memory, flops and time of a run on a mesh).
 
 Bad input ends every command with one line on stderr and exit code 2; -v shows the traceback
 (see cli/errors.py).
@@ -15,7 +15,7 @@ import sys
 
 from cdquant_jax import compilation
 from cdquant_jax.cli import demo, errors, evaluate, generate, layer, quantize, report
-from cdquant_jax.cli import bank, sweep
+from cdquant_jax.cli import bank, plan, sweep
 from cdquant_jax.cli import export as export_cmd
 
 VERBOSE_HELP = "log at INFO level; on bad input print the traceback instead of one line"
@@ -47,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_arguments(command("sweep", "run a sweep of run configs (or --dry-run list it)"))
   bank.add_arguments(command("bank", "write the layer problems (W, H) of a model"))
   export_cmd.add_arguments(command("export", "write a run as gptq, compressed-tensors or gguf"))
+  plan.add_arguments(command("plan", "per-device memory, flops and time of a run on a mesh"))
   return parser
 
 
 COMMANDS = {"quantize": quantize.run, "eval": evaluate.run, "layer": layer.run,
             "generate": generate.run, "demo": demo.run, "report": report.run,
-            "sweep": sweep.run, "bank": bank.run, "export": export_cmd.run}
+            "sweep": sweep.run, "bank": bank.run, "export": export_cmd.run, "plan": plan.run}
 
 
 def main(argv: list[str] | None = None) -> int:

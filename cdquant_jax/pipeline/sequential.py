@@ -29,7 +29,7 @@ from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.params import get_path, set_path
-from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog
+from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog, tune
 from cdquant_jax.pipeline.config import RunConfig
 from cdquant_jax.pipeline.rules import is_included, module_name, solver_for
 from cdquant_jax.quant import bits as bits_lib
@@ -171,7 +171,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   sharing: dict[int, list[list[Path]]] = {}
   for i in range(state.block, model.num_layers):
     acts = _quantize_and_propagate(run, model, state, acts, i, sharing, len(calibration_ids), obs)
-    _checkpoint(run, fp, state, acts, i, obs)
+    _checkpoint(run, model, fp, state, acts, i, obs)
     if after_block is not None:
       after_block(i)
   obs.close()
@@ -196,7 +196,9 @@ def _resume_or_start(run, model, params, fp, resume: bool, timer: Timer) -> RunS
   timer.totals["previous_sessions_seconds"] = saved["seconds"]
   qweights = checkpoint.load_blocks(out_dir, saved["blocks_done"])
   log.info("resuming %s after block %d", out_dir, saved["blocks_done"] - 1)
-  return RunState(block=saved["blocks_done"], params=_with_quantized(model, params, qweights),
+  params = _with_tuned_params(model, _with_quantized(model, params, qweights), out_dir,
+                              saved["blocks_done"])
+  return RunState(block=saved["blocks_done"], params=params,
                   qweights=qweights, records=saved["records"],
                   saved_acts=checkpoint.load_activations(out_dir, saved))
 
@@ -208,8 +210,18 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
   classes = _input_classes(model, layer_params, acts, i, sharing)
   obs.phase("transfer_seconds")
   kept = _kept_inputs(run, acts)
+  targets = None
+  if run.tune.enabled and any(is_included(run.quant, module_name(i, p))
+                              for p in model.linear_paths()):
+    # the full-precision block on the inputs the quantized block sees
+    targets = capture.block_outputs(model, layer_params, acts, i)
+    obs.phase("tune_seconds")
   layer_params, block_qw, block_records = quantize_block(run, model, layer_params, acts, i,
                                                          classes, nsamples, obs, kept=kept)
+  if targets is not None:
+    layer_params, block_qw, block_records = _tune(run, model, layer_params, block_qw,
+                                                  block_records, acts, targets, i, obs)
+    kept = None  # the kept linear inputs predate the tuned parameters
   acts = capture.block_outputs(model, layer_params, acts, i, kept)
   obs.phase("propagate_seconds")
   state.params = model.set_layer_params(state.params, i, jax.device_get(layer_params))
@@ -218,6 +230,28 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
   state.block = i + 1
   obs.phase("transfer_seconds")
   return acts
+
+
+def _tune(run, model, layer_params: Params, block_qw: dict, block_records: list[dict],
+          acts: capture.Activations, targets: capture.Activations, i: int, obs: RunObserver):
+  """`tune.tune_block` on solved block i: (params, packed weights, records, each carrying the
+  block's tune record under "tune")."""
+  obs.status(f"block {i}: tune")
+  paths = {module_name(i, p): p for p in model.linear_paths()}
+  layer_params, block_qw, record = tune.tune_block(run.tune, model, layer_params, block_qw,
+                                                   paths, acts, targets, i)
+  obs.phase("tune_seconds")
+  return layer_params, block_qw, [{**r, "tune": record} for r in block_records]
+
+
+def _with_tuned_params(model, params: Params, out_dir: str, blocks_done: int) -> Params:
+  """params with the tuned unquantized params of the checkpointed blocks put back."""
+  for i in range(blocks_done):
+    saved = checkpoint.load_block_params(out_dir, i)
+    if saved:
+      params = model.set_layer_params(params, i, tune.with_tensors(model.layer_params(params, i),
+                                                                   saved))
+  return params
 
 
 def _input_classes(model, layer_params, acts: capture.Activations, i: int,
@@ -243,8 +277,9 @@ def replay_block(run: RunConfig, model, layer_params: Params, acts: capture.Acti
                  classes: list[list[Path]]) -> capture.Activations:
   """The outputs of the quantized block i exactly as the run computed them: with kept inputs,
   the group captures run again (the same programs on the same values) before the propagation,
-  so a resumed run is bit-identical to an uninterrupted one."""
-  kept = _kept_inputs(run, acts)
+  so a resumed run is bit-identical to an uninterrupted one (a tuned block propagates without
+  kept inputs, as `_quantize_and_propagate` does)."""
+  kept = None if run.tune.enabled else _kept_inputs(run, acts)
   if kept is not None:
     for plan in group_plans(run, model, i, classes):
       capture.group_hessians(model, layer_params, acts, i, plan.reps, kept=kept,
@@ -252,13 +287,16 @@ def replay_block(run: RunConfig, model, layer_params: Params, acts: capture.Acti
   return capture.block_outputs(model, layer_params, acts, i, kept)
 
 
-def _checkpoint(run, fp, state: RunState, acts: capture.Activations, i: int,
+def _checkpoint(run, model, fp, state: RunState, acts: capture.Activations, i: int,
                 obs: RunObserver) -> None:
   """Saves block i's packed weights (and the activations if configured) and the log."""
   if run.checkpoint != "none":
     saved = dict(fingerprint=fp, blocks_done=i + 1, records=state.records,
                  seconds=obs.timer.elapsed())
     block_qw = {k: v for k, v in state.qweights.items() if k.startswith(module_name(i, ()) + ".")}
+    if run.tune.enabled and "norms" in run.tune.params:
+      checkpoint.save_block_params(run.output_dir, i,
+                                   tune.norm_tensors(model.layer_params(state.params, i)))
     checkpoint.save_block(run.output_dir, i, block_qw, saved,
                           acts.stacked() if run.checkpoint == "activations" else None)
   runlog.write_log(run.output_dir, state.records)
@@ -452,11 +490,14 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
 
   metrics["timing"] (seconds): quantize_seconds and the phases that add up to it: setup
   (host copy, fingerprint, checkpoint loading), embed_or_replay, transfer (block params to and
-  from the device, input-sharing analysis), capture_hessian, solve_pack, propagate, checkpoint
-  (and log), previous_sessions (a resumed run's earlier processes); then the times outside it:
-  baseline_eval_seconds (when configured), eval_seconds, export_seconds.
+  from the device, input-sharing analysis), capture_hessian, solve_pack, tune (with the
+  full-precision targets; tuned runs only), propagate, checkpoint (and log), previous_sessions
+  (a resumed run's earlier processes); then the times outside it: baseline_eval_seconds
+  (when configured), eval_seconds, export_seconds.
   """
   metrics = dict(summary=summarize(records), quantized_modules=sorted(qweights))
+  if run.tune.enabled:
+    metrics["tune"] = tune.summarize(records)
   if baseline is not None:
     metrics["baseline_perplexity"] = baseline
   timing = dict(quantize_seconds=round(timer.quantize_seconds(), 3),

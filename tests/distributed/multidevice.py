@@ -24,5 +24,6 @@ def run_worker(name: str, n_devices: int, *args: str, timeout: float = 120) -> s
              PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, str(WORKERS / f"{name}.py"), *args], env=env,
                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
-  assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+  assert proc.returncode == 0, (f"{name} failed (rc {proc.returncode}):\n"
+                                f"{proc.stdout}\n{proc.stderr}")
   return proc.stdout

@@ -43,3 +43,12 @@ def test_make_mesh_one_device():
   mesh = make_mesh(MeshConfig())
   assert mesh.axis_names == AXES and dict(mesh.shape) == {"data": 1, "model": 1}
   assert list(mesh.devices.flat) == jax.devices()[:1]
+
+
+def test_from_a_yaml_mapping():
+  """The run config's future `mesh:` section goes through the one config loader."""
+  from cdquant_jax import config as config_lib
+  assert config_lib.from_dict(MeshConfig, {"data": "auto", "model": 2}, where="mesh") == \
+      MeshConfig(model=2)
+  with pytest.raises(ConfigError, match="mesh: unknown field"):
+    config_lib.from_dict(MeshConfig, {"dta": 1}, where="mesh")

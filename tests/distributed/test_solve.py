@@ -17,10 +17,11 @@ def test_rtn_gptq_and_refusals():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cd", "cyclic", "spqr"])
-def test_descent_and_spqr(method):
-  out = run_worker("solve_worker", 4, "2x2", method, timeout=600)
-  assert f"{method}: 4 shards" in out and "identical" in out
+@pytest.mark.parametrize("method,n_devices,mesh", [("cd", 4, "2x2"), ("cyclic", 4, "1x4"),
+                                                   ("spqr", 4, "2x2"), ("gptq", 8, "8x1")])
+def test_descent_spqr_and_8_devices(method, n_devices, mesh):
+  out = run_worker("solve_worker", n_devices, mesh, method, timeout=600)
+  assert f"{method}: {n_devices} shards" in out and "identical" in out
 
 
 def test_shard_bounds():

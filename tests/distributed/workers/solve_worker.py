@@ -84,6 +84,10 @@ def main(shape, methods):
     merged = dsolve.solve_sharded(method, W, H, cfg, mesh)
     assert merged.method == method and merged.Q.shape == W.shape
     compare(method, merged, one)
+    if method == "spqr":  # the layer-wide τ_abs matters: a shard's own would differ
+      assert int(np.sum(merged.outlier_mask)) > 0
+      own = float(dsolve.spqr_threshold(W[bounds[0][0]:bounds[0][1]], H, cfg))
+      assert own != float(merged.diagnostics.tau_abs), own
     print(f"{method}: {len(parts)} shards {bounds} on {[d.id for d in used]}: identical")
   for method in [m for m in methods if m in dsolve.NOT_SHARDABLE]:
     try:

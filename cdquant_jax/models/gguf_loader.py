@@ -14,6 +14,7 @@ query_pre_attn_scalar: like llama.cpp, the query scale is 1/sqrt(head_dim), exce
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cdquant_jax.models.errors import ModelLoadError
+from cdquant_jax.models.hf_loader import LazyTensors
 
 ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2"}
 GEMMA_ARCHS = ("gemma", "gemma2")
@@ -159,9 +161,12 @@ def architecture(reader) -> str | None:
   return None if field is None else field.contents()
 
 
-def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], LazyTensors]:
   """(HF config dict, {HF tensor name: float32 array}) of a GGUF file.
 
+  The tensors come as a `LazyTensors` mapping: each one is dequantized when it is read, so a
+  loader that converts and drops them one at a time never holds more than one dequantized
+  float32 tensor besides its own copy (the file itself is memory-mapped by `gguf`).
   `reader`: an already open `gguf.GGUFReader` of path (opening one parses the whole metadata,
   several seconds for a 49k-token vocabulary).
   """
@@ -171,20 +176,24 @@ def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], dict[str, np.ndar
   shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
   config = hf_config_from_metadata(meta, shapes, path)
   arch = meta["general.architecture"]
-  permute = arch == "llama"
-  state = {}
-  for tensor in reader.tensors:
-    name = hf_tensor_name(tensor.name, path, arch)
-    try:
-      w = dequantized(tensor)
-    except NotImplementedError as e:  # gguf has no numpy dequantizer for this type
-      raise ModelLoadError(f"{path}: tensor {tensor.name} of type {tensor.tensor_type.name} "
-                           f"cannot be dequantized ({e})") from e
-    if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-      w = unpermute_rope_rows(w, config["num_attention_heads"])
-    elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-      w = unpermute_rope_rows(w, config["num_key_value_heads"])
-    elif arch in GEMMA_ARCHS and name.endswith("norm.weight"):
-      w = w - np.float32(1.0)  # llama.cpp stores Gemma's 1 + w
-    state[name] = w
-  return config, state
+  loaders = {hf_tensor_name(t.name, path, arch): functools.partial(_load_tensor, t, path, arch,
+                                                                   config)
+             for t in reader.tensors}
+  return config, LazyTensors(loaders)
+
+
+def _load_tensor(tensor, path: str, arch: str, config: dict[str, Any]) -> np.ndarray:
+  """One GGUF tensor dequantized to float32 in HF layout (rope rows and Gemma norms undone)."""
+  name = hf_tensor_name(tensor.name, path, arch)
+  try:
+    w = dequantized(tensor)
+  except NotImplementedError as e:  # gguf has no numpy dequantizer for this type
+    raise ModelLoadError(f"{path}: tensor {tensor.name} of type {tensor.tensor_type.name} "
+                         f"cannot be dequantized ({e})") from e
+  if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+    w = unpermute_rope_rows(w, config["num_attention_heads"])
+  elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+    w = unpermute_rope_rows(w, config["num_key_value_heads"])
+  elif arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+    w = w - np.float32(1.0)  # llama.cpp stores Gemma's 1 + w
+  return w

@@ -8,9 +8,11 @@ file and the value) or FileNotFoundError (a missing file).
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors reads)
 import numpy as np
@@ -63,36 +65,76 @@ def read_config(model_dir: str) -> dict[str, Any]:
   return config
 
 
-def _load_file(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+class LazyTensors(collections.abc.Mapping):
+  """A read-only {name: array} whose values are produced by a loader on each access (not
+  cached: `items()` yields one tensor at a time, and a dropped one is freed), so a checkpoint
+  is converted tensor by tensor without a second full copy of the model.
+
+  dtypes: {name: numpy dtype name} of the stored tensors, when known without reading them.
+  """
+
+  def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
+               dtypes: dict[str, str] | None = None):
+    self._loaders = loaders
+    self.dtypes = dtypes
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._loaders[name]()
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._loaders)
+
+  def __len__(self) -> int:
+    return len(self._loaders)
+
+
+# safetensors dtype codes -> numpy dtype names (the float types checkpoints hold).
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _read_tensor(path: str, name: str) -> np.ndarray:
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(path, framework="numpy") as f:
+    return f.get_tensor(name)
+
+
+def _open_file(path: str) -> LazyTensors:
+  """The tensors of one safetensors file, read one at a time (the header is read now)."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: missing safetensors file")
   try:
-    return load_file(path)
+    with safe_open(path, framework="numpy") as f:
+      dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
   except Exception as e:  # safetensors raises its own error types for corrupt headers/data
     raise ModelLoadError(f"{path}: cannot read safetensors file "
                          f"({type(e).__name__}: {e})") from e
+  return LazyTensors({name: functools.partial(_read_tensor, path, name) for name in dtypes},
+                     {name: _SAFETENSORS_DTYPES.get(code, code.lower())
+                      for name, code in dtypes.items()})
 
 
-def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
-  """{HF tensor name: array} from model.safetensors or the shards of its index."""
+def load_state_dict(model_dir: str) -> LazyTensors:
+  """{HF tensor name: array} from model.safetensors or the shards of its index, read lazily
+  (see `LazyTensors`)."""
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.exists(index_path):
     weight_map = _read_weight_map(index_path)
-    tensors: dict[str, np.ndarray] = {}
+    loaders, dtypes = {}, {}
     for shard in sorted(set(weight_map.values())):
-      loaded = _load_file(os.path.join(model_dir, shard))
+      loaded = _open_file(os.path.join(model_dir, shard))
       expected = {name for name, file in weight_map.items() if file == shard}
       missing = sorted(expected - set(loaded))
       if missing:
         raise ModelLoadError(f"{os.path.join(model_dir, shard)}: lacks tensors listed in the "
                              f"index: {missing[:10]}")
-      tensors.update(loaded)
-    return tensors
+      loaders.update(loaded._loaders)  # pylint: disable=protected-access
+      dtypes.update(loaded.dtypes)
+    return LazyTensors(loaders, dtypes)
   single = os.path.join(model_dir, SINGLE_FILE)
   if not os.path.exists(single):
     raise FileNotFoundError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}")
-  return _load_file(single)
+  return _open_file(single)
 
 
 def _read_weight_map(index_path: str) -> dict[str, str]:
@@ -108,24 +150,30 @@ def _read_weight_map(index_path: str) -> dict[str, str]:
   return weight_map
 
 
-def params_from_state_dict(model, state: dict[str, np.ndarray], dtype=jnp.float32,
+def params_from_state_dict(model, state: Mapping[str, np.ndarray], dtype=jnp.float32,
                            source: str = "checkpoint") -> dict[str, Any]:
-  """Nested params for `model` from HF-named tensors, cast to dtype, checked strictly."""
+  """Nested params for `model` from HF-named tensors, cast to dtype, checked strictly.
+
+  The tensors are read, cast and stored one at a time (with a `LazyTensors` state, at most one
+  source tensor is in memory besides the params)."""
   shapes = params_lib.flat_paths(model.param_shapes(dtype))
   expected = {path: leaf.shape for path, leaf in shapes.items()}
   params: dict[str, Any] = {}
   seen, unexpected = set(), []
-  for name, array in state.items():
+  for name in state:
     path = model.hf_name_to_path(name)
     if path is None:
       continue
     if path not in expected:
       unexpected.append(name)
       continue
+    array = state[name]
     if tuple(array.shape) != tuple(expected[path]):
       raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
                            f"{tuple(expected[path])} for {model.config.model_type}")
-    params_lib.insert_path(params, path, jnp.asarray(np.asarray(array), dtype=dtype))
+    converted = jnp.asarray(np.asarray(array), dtype=dtype)
+    params_lib.insert_path(params, path, converted.block_until_ready())
+    del array, converted  # the source tensor is freed before the next one is read
     seen.add(path)
   missing = sorted(".".join(map(str, p)) for p in set(expected) - seen)
   if unexpected or missing:

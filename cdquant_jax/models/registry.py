@@ -98,7 +98,7 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
   model = _checkpoint_model(hf_config_dict, config_file)
   if source_dtypes is not None:
     types = (gguf_loader.source_dtypes(reader, source) if reader is not None
-             else {name: a.dtype.name for name, a in state.items()})
+             else dict(state.dtypes))
     source_dtypes.update(_by_param_name(model, types))
   params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   tok = None

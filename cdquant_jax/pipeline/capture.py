@@ -16,14 +16,18 @@ groups, everything but o_proj and down_proj in the propagation for Llama).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import shutil
+import tempfile
+import weakref
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdquant_jax.eval.perplexity import window_nll
 from cdquant_jax.models.base import CausalLM, default_positions
 from cdquant_jax.models.params import get_path
 from cdquant_jax.solvers import hessian
@@ -87,38 +91,129 @@ def shared_input_classes(model: CausalLM, layer_params: Params, h_shape, dtype,
   return classes
 
 
-class Activations:
-  """The calibration activations between blocks, [N, T, D], on the host or on the device."""
+@dataclasses.dataclass(frozen=True)
+class Storage:
+  """Where calibration activations (and kept linear inputs) live between block programs.
 
-  def __init__(self, on_host: bool):
-    self.on_host = on_host
+  where: "device" (accelerator memory), "host" (numpy in RAM) or "disk" (one .npy file per
+    batch in a temporary folder under `directory`, read back memory-mapped one batch at a time
+    and removed with its container).
+  dtype: the stored dtype (None: as the block produced it, the model dtype). Each batch is cast
+    back to the dtype it was produced in when read, so the blocks run, and the Hessians
+    accumulate (f32), exactly as without it, on rounded inputs.
+  """
+
+  where: str = "device"
+  dtype: str | None = None
+  directory: str | None = None
+
+  @classmethod
+  def of(cls, storage: "Storage | bool") -> "Storage":
+    """A Storage from itself or from the older `on_host` flag."""
+    return storage if isinstance(storage, Storage) else cls("host" if storage else "device")
+
+  def put(self, x: jax.Array, folder: "_Folder") -> Any:
+    """x stored (cast to `dtype`): a device array, a numpy array or a `_DiskArray`."""
+    if self.dtype is not None and x.dtype != jnp.dtype(self.dtype):
+      x = jnp.asarray(x).astype(self.dtype)
+    if self.where == "device":
+      return x
+    if self.where == "host":
+      return np.asarray(x)
+    return folder.save(np.asarray(x))
+
+  @staticmethod
+  def get(stored: Any, dtype) -> jax.Array:
+    """A stored batch on the device in `dtype` (the dtype it was produced in)."""
+    if isinstance(stored, _DiskArray):
+      stored = stored.load()
+    return jnp.asarray(stored).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DiskArray:
+  """A batch saved as an .npy file (shape and dtype kept for the byte counts)."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def load(self) -> np.ndarray:
+    """The batch, memory-mapped (its pages are mapped only until the copy to the device)."""
+    return np.load(self.path, mmap_mode="r")
+
+
+class _Folder:
+  """A temporary folder (made on the first save) for one container's .npy batches, removed
+  when the folder object is dropped with its container."""
+
+  def __init__(self, parent: str | None):
+    self._parent, self._path, self._count = parent, None, 0
+
+  def save(self, a: np.ndarray) -> _DiskArray:
+    if self._path is None:
+      if self._parent:
+        os.makedirs(self._parent, exist_ok=True)
+      self._path = tempfile.mkdtemp(prefix="activations_", dir=self._parent)
+      weakref.finalize(self, shutil.rmtree, self._path, True)
+    path = os.path.join(self._path, f"{self._count:05d}.npy")
+    self._count += 1
+    np.save(path, a)
+    return _DiskArray(path, tuple(a.shape), a.dtype)
+
+
+def _nbytes(x: Any) -> int:
+  return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+class Activations:
+  """The calibration activations between blocks, [N, T, D], as batches kept where `storage`
+  says (a `Storage`, or True / False for host / device)."""
+
+  def __init__(self, storage: "Storage | bool" = False):
+    self.storage = Storage.of(storage)
     self.batches: list[Any] = []
+    self.compute_dtype = None  # the dtype the batches were produced in
+    self._folder = _Folder(self.storage.directory)
+
+  @property
+  def on_host(self) -> bool:
+    return self.storage.where != "device"
 
   def append(self, h: jax.Array) -> None:
-    self.batches.append(np.asarray(h) if self.on_host else h)
+    self.compute_dtype = self.compute_dtype or h.dtype
+    self.batches.append(self.storage.put(h, self._folder))
 
   def __iter__(self) -> Iterator[jax.Array]:
     for h in self.batches:
-      yield jnp.asarray(h)
+      yield Storage.get(h, self.compute_dtype)
 
   def stacked(self) -> np.ndarray:
-    """[N, T, D] on the host (for checkpoints)."""
-    return np.concatenate([np.asarray(h) for h in self.batches], axis=0)
+    """[N, T, D] on the host (for checkpoints), in the stored dtype."""
+    return np.concatenate([h.load() if isinstance(h, _DiskArray) else np.asarray(h)
+                           for h in self.batches], axis=0)
 
   @classmethod
-  def from_array(cls, array: np.ndarray, batch: int, on_host: bool) -> "Activations":
-    out = cls(on_host)
+  def from_array(cls, array: np.ndarray, batch: int,
+                 storage: "Storage | bool") -> "Activations":
+    out = cls(storage)
     for start in range(0, array.shape[0], batch):
       out.append(jnp.asarray(array[start:start + batch]))
     return out
 
   def nbytes(self) -> int:
-    return sum(int(np.prod(h.shape)) * h.dtype.itemsize for h in self.batches)
+    """Bytes of the stored batches, wherever they are."""
+    return sum(_nbytes(h) for h in self.batches)
+
+  def resident_nbytes(self) -> int:
+    """Bytes of the batches held in memory (host or device; 0 on disk)."""
+    return 0 if self.storage.where == "disk" else self.nbytes()
 
 
 def embed_calibration(model: CausalLM, params: Params, ids: np.ndarray, batch: int,
-                      on_host: bool) -> Activations:
-  """Embeddings of the calibration windows ids [N, T], in batches of `batch` windows."""
+                      on_host: "Storage | bool") -> Activations:
+  """Embeddings of the calibration windows ids [N, T], in batches of `batch` windows, stored
+  as `on_host` says (a `Storage`, or True / False for host / device)."""
   out = Activations(on_host)
   for start in range(0, ids.shape[0], batch):
     out.append(_embed(model, params, jnp.asarray(ids[start:start + batch])))
@@ -128,30 +223,47 @@ def embed_calibration(model: CausalLM, params: Params, ids: np.ndarray, batch: i
 class LinearInputs:
   """Captured inputs of one block's linears, per calibration batch: path -> [B, T, d_in].
 
-  Stored like the activations (numpy on the host, or device arrays). Memory: about
+  Stored like the activations (`Storage`: device, host or disk, in its dtype). Memory: about
   Σ d_in / D times the activations for every kept input class (≈ 5x for Llama blocks).
   """
 
-  def __init__(self, n_batches: int, on_host: bool):
-    self.on_host = on_host
+  def __init__(self, n_batches: int, storage: "Storage | bool"):
+    self.storage = Storage.of(storage)
     self.batches: list[dict[Path, Any]] = [{} for _ in range(n_batches)]
+    self._dtypes: dict[Path, Any] = {}
+    self._folder = _Folder(self.storage.directory)
+
+  @property
+  def on_host(self) -> bool:
+    return self.storage.where != "device"
 
   def add(self, b: int, inputs: dict[Path, jax.Array]) -> None:
-    self.batches[b].update({p: np.asarray(x) if self.on_host else x for p, x in inputs.items()})
+    """Keeps batch b's inputs; one array given under several paths (q/k/v) is stored once."""
+    stored: dict[int, Any] = {}
+    for p, x in inputs.items():
+      self._dtypes.setdefault(p, x.dtype)
+      if id(x) not in stored:
+        stored[id(x)] = self.storage.put(x, self._folder)
+      self.batches[b][p] = stored[id(x)]
 
   def given(self, b: int) -> dict[Path, jax.Array] | None:
     """The kept inputs of batch b (None when there are none: the plain block)."""
-    return {p: jnp.asarray(x) for p, x in self.batches[b].items()} or None
+    return {p: Storage.get(x, self._dtypes[p]) for p, x in self.batches[b].items()} or None
 
   def nbytes(self) -> int:
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for batch in self.batches
-               for x in batch.values())
+    """Bytes of the stored inputs (an input kept under several paths counted once)."""
+    return sum(_nbytes(x) for batch in self.batches
+               for x in {id(x): x for x in batch.values()}.values())
+
+  def resident_nbytes(self) -> int:
+    """Bytes of the inputs held in memory (host or device; 0 on disk)."""
+    return 0 if self.storage.where == "disk" else self.nbytes()
 
 
 def block_outputs(model: CausalLM, layer_params: Params, acts: Activations, layer_index: int,
                   kept: LinearInputs | None = None) -> Activations:
   """Runs block `layer_index` over every batch of `acts` (on the `kept` inputs, if any)."""
-  out = Activations(acts.on_host)
+  out = Activations(acts.storage)
   k = kind_index(model, layer_index)
   for b, h in enumerate(acts):
     out.append(_forward(model, layer_params, h, k, None if kept is None else kept.given(b)))
@@ -213,15 +325,51 @@ def _head(model: CausalLM, params: Params, h: jax.Array) -> jax.Array:
   return model.head(params, h)
 
 
+# Tokens whose logits the evaluation head computes at once: [HEAD_CHUNK_TOKENS, V] f32 (25 MiB
+# for SmolLM2's V = 49152) instead of the batch's [B, T, V] (1.6 GB for 16 x 512 tokens).
+HEAD_CHUNK_TOKENS = 128
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _head_nll(model: CausalLM, params: Params, h: jax.Array, ids: jax.Array) -> jax.Array:
-  """[B] summed next-token NLL of each window from the last block's output h [B, T, D]
-  (head and `window_nll` in one program: the [B, T, V] logits never leave it)."""
-  return window_nll(model.head(params, h), ids)
+  """[B] summed next-token NLL of each window from the last block's output h [B, T, D]: the
+  head and `window_nll` on HEAD_CHUNK_TOKENS tokens at a time (`lax.map`), so at most
+  [HEAD_CHUNK_TOKENS, V] logits exist at once (the per-token terms are those of `window_nll`
+  on the whole batch)."""
+  B, T, D = h.shape
+  n = B * T
+  chunks = -(-n // HEAD_CHUNK_TOKENS)
+  pad = chunks * HEAD_CHUNK_TOKENS - n
+  # Each position's target is the next token of its window; the last position has none
+  # (target 0, masked out below). [B, T] -> [B * T + pad]
+  targets = jnp.pad(jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+                    .reshape(n), (0, pad))
+  # [B, T, D] -> [B * T + pad, D] -> [chunks, HEAD_CHUNK_TOKENS, D]
+  xs = jnp.pad(h.reshape(n, D), ((0, pad), (0, 0))).reshape(chunks, HEAD_CHUNK_TOKENS, D)
+
+  def chunk_nll(args):
+    x, t = args
+    # [1, HEAD_CHUNK_TOKENS, V] -> [HEAD_CHUNK_TOKENS, V] f32
+    logits = model.head(params, x[None])[0].astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+  per_token = jax.lax.map(chunk_nll, (xs, targets.reshape(chunks, HEAD_CHUNK_TOKENS)))
+  # [chunks, HEAD_CHUNK_TOKENS] -> [B, T]; the last position of each window has no target.
+  per_token = per_token.reshape(-1)[:n].reshape(B, T)
+  return jnp.sum(per_token[:, :-1], axis=-1)
+
+
+def _outer(params: Params) -> Params:
+  """The params outside the blocks (embeddings, final norm, lm_head): all embed / head use, so
+  a jitted call does not take (nor, for host arrays, copy) every block's params with them."""
+  return {k: v for k, v in params.items() if k != "layers"}
 
 
 def _blocks(model: CausalLM, params: Params, ids) -> jax.Array:
-  h = _embed(model, params, jnp.asarray(ids))
+  """The last block's output [B, T, D] for ids [B, T]; params may stay on the host (each block
+  is then moved to the device for its call and freed after it)."""
+  h = _embed(model, _outer(params), jnp.asarray(ids))
   for i in range(model.num_layers):
     h = _forward(model, model.layer_params(params, i), h, kind_index(model, i))
   return h
@@ -230,10 +378,11 @@ def _blocks(model: CausalLM, params: Params, ids) -> jax.Array:
 def block_logits_fn(model: CausalLM, params: Params):
   """ids [B, T] -> logits [B, T, V], block by block with the same jitted blocks as the pipeline
   (so the in-memory and the reloaded quantized model give identical numbers)."""
-  return lambda ids: _head(model, params, _blocks(model, params, ids))
+  return lambda ids: _head(model, _outer(params), _blocks(model, params, ids))
 
 
 def block_nll_fn(model: CausalLM, params: Params):
   """ids [B, T] -> [B] summed window NLLs (`window_nll`), with the blocks of
   `block_logits_fn` and the head fused with the loss."""
-  return lambda ids: _head_nll(model, params, _blocks(model, params, ids), jnp.asarray(ids))
+  return lambda ids: _head_nll(model, _outer(params), _blocks(model, params, ids),
+                               jnp.asarray(ids))

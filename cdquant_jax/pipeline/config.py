@@ -48,6 +48,10 @@ class CalibrationData:
   field: str | None = None
 
 
+# Bytes per value of the dtype names RunConfig accepts (model.dtype, activation_dtype).
+_DTYPE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2}
+
+
 # Friendly solver settings, generated from the one knob table (`solvers.knobs.KNOBS`).
 Knobs = knobs_lib.KnobSettings
 
@@ -115,8 +119,13 @@ ExportFormat = Literal["gptq", "compressed-tensors", "gguf"]
 class RunConfig:
   """One quantization run.
 
-  activations: where the calibration activations between blocks live ("host": numpy in RAM,
-  "device": accelerator memory). forward_batch_size: calibration windows per block forward
+  activations: where the calibration activations between blocks (and kept linear inputs)
+  live: "device" (accelerator memory), "host" (numpy in RAM), "disk" (.npy files under
+  output_dir/checkpoint/scratch, memory-mapped one batch at a time). activation_dtype: their
+  stored dtype, None = the model dtype, or "bfloat16" (half the memory of f32 activations:
+  the blocks still run in the model dtype and the Hessians accumulate in f32, on inputs
+  rounded to bf16; this changes the layer problems, see the README's memory section; it must
+  not be wider than the model dtype). forward_batch_size: calibration windows per block forward
   (it changes the Hessians' rounding, so it is part of the resume fingerprint). checkpoint:
   "replay" (save the quantized blocks; on resume rebuild the activations by running them
   again), "activations" (also save the activations), "none". keep_linear_inputs (with
@@ -134,7 +143,8 @@ class RunConfig:
   quant: QuantSettings = QuantSettings()
   eval: EvalSettings = EvalSettings()
   output_dir: str = "runs/default"
-  activations: Literal["host", "device"] = "device"
+  activations: Literal["host", "device", "disk"] = "device"
+  activation_dtype: Literal["bfloat16", "float16", "float32"] | None = None
   forward_batch_size: int = 8
   checkpoint: Literal["replay", "activations", "none"] = "replay"
   keep_linear_inputs: bool = True
@@ -150,6 +160,11 @@ class RunConfig:
     if not self.keep_linear_inputs and not self.quant.true_sequential:
       raise config_lib.ConfigError("keep_linear_inputs=false only applies with "
                                    "quant.true_sequential=true (nothing is kept without it)")
+    if self.activation_dtype is not None and (
+        _DTYPE_BYTES[self.activation_dtype] > _DTYPE_BYTES.get(self.model.dtype, 4)):
+      raise config_lib.ConfigError(f"activation_dtype={self.activation_dtype} is wider than "
+                                   f"model.dtype={self.model.dtype}: it would store no more "
+                                   "than the model computes")
     if self.forward_batch_size < 1:
       raise config_lib.ConfigError(f"forward_batch_size must be >= 1, got {self.forward_batch_size}")
     if self.eval.batch_size < 1:

@@ -21,9 +21,12 @@ def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
                      progress: bool = False) -> dict:
   """GPTQ-protocol perplexity with the pipeline's block-by-block jitted forward.
 
-  params: dense params (see `export.dense_params`); moved to the device once.
+  params: dense params (see `export.dense_params`). On an accelerator they are moved to the
+  device once; on the CPU backend a device copy would be a second full copy of the model in
+  the same memory, so they stay where they are and each block is moved for its call.
   """
-  params = jax.device_put(params)
+  if jax.default_backend() != "cpu":
+    params = jax.device_put(params)
   result = perplexity_from_nll(capture.block_nll_fn(model, params), ids, seqlen=seqlen,
                                batch_size=batch_size, progress=progress)
   return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}

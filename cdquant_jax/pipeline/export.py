@@ -11,7 +11,8 @@ Layout (every file written atomically):
   quantized.safetensors  the QuantizedWeight of each quantized linear, named by module
                          ("layers.0.self_attn.q_proj"; `quant.serialize` format, sha256-checked)
   tokenizer.json         the tokenizer, when the model has one
-  run_config.json        the resolved RunConfig
+  run_config.json        the resolved RunConfig (+ "token_hashes" of the calibration and
+                         evaluation windows, from the pipeline)
   metrics.json, log.jsonl  written by the pipeline
 `load_quantized_model(dir)` returns params with a QuantizedWeight at p["weight"] of each
 quantized linear; `dense_params` turns them into arrays of the model dtype (what the pipeline
@@ -110,7 +111,8 @@ def storage_dtype(a: np.ndarray, source: str | None) -> str:
 
 def write_model_dir(directory: str, model, params: Params, qweights: dict[str, QuantizedWeight],
                     *, tokenizer=None, run_config=None, extra: dict | None = None,
-                    source_dtypes: dict[str, str] | None = None) -> None:
+                    source_dtypes: dict[str, str] | None = None,
+                    token_hashes: dict | None = None) -> None:
   """Writes model.json, params.safetensors, quantized.safetensors (+ tokenizer, run config).
 
   params: the model's params (the entries at quantized linears' weights are not written);
@@ -118,6 +120,8 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
   source_dtypes: dotted parameter name -> the source checkpoint's type of the tensor (what
     `registry.load_model(..., source_dtypes=)` fills in); names left out are stored in their
     in-memory dtype (see `storage_dtype`).
+  token_hashes: the run's calibration / evaluation token hashes, recorded in run_config.json
+    under "token_hashes" (beside the RunConfig's fields).
   """
   os.makedirs(directory, exist_ok=True)
   dtype = jax.tree.leaves(params)[0].dtype
@@ -138,8 +142,10 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
   if tokenizer is not None and hasattr(tokenizer, "to_str"):
     io_utils.atomic_write_text(os.path.join(directory, TOKENIZER_FILE), tokenizer.to_str())
   if run_config is not None:
-    io_utils.atomic_write_json(os.path.join(directory, RUN_CONFIG_FILE),
-                               config_lib.to_dict(run_config))
+    record = config_lib.to_dict(run_config)
+    if token_hashes is not None:
+      record["token_hashes"] = token_hashes
+    io_utils.atomic_write_json(os.path.join(directory, RUN_CONFIG_FILE), record)
 
 
 def load_quantized_model(directory: str):

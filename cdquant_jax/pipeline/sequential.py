@@ -12,6 +12,7 @@ Only one block's params (and the activations [N, T, D]) are on the device at a t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -47,18 +48,27 @@ class Timer:
   `lap(key)` charges the seconds since the previous lap (or since the timer was made) to
   `key`, so the phases add up to `quantize_seconds()` whatever runs between two laps. Laps of
   keys in `OUTSIDE` (the baseline evaluation) are reported but are not quantization time.
+  Each lap also charges the host memory peak since the previous one to `key`
+  (`memory.tracking`, started with the timer unless already active; stopped when the timer is
+  dropped).
   """
 
   OUTSIDE = ("baseline_eval_seconds",)
 
   def __init__(self):
     self.totals: dict[str, float] = {}
+    self._memory = contextlib.ExitStack()
+    self.memory = self._memory.enter_context(memory.tracking())
     self._last = time.perf_counter()
+
+  def __del__(self):
+    self._memory.close()
 
   def lap(self, key: str) -> None:
     now = time.perf_counter()
     self.totals[key] = self.totals.get(key, 0.0) + now - self._last
     self._last = now
+    memory.mark(key)
 
   def quantize_seconds(self) -> float:
     """Sum of the laps so far but the OUTSIDE ones (seconds)."""
@@ -121,17 +131,27 @@ class RunState:
 
 
 def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-  """Loads the model and calibration data of `run`, quantizes, exports; returns the metrics."""
+  """Loads the model and calibration data of `run`, quantizes, exports; returns the metrics.
+
+  The loaded params are handed over to `quantize_loaded` (no reference is kept here), so the
+  quantized blocks replace the loaded ones instead of adding a second copy of the model.
+  """
   source_dtypes: dict[str, str] = {}
-  model, params, tokenizer = registry.load_model(resolve_model_path(run.model.path),
-                                                 run.model.dtype, source_dtypes=source_dtypes)
-  c = run.calibration
-  if tokenizer is None:
-    raise ModelLoadError(f"model {run.model.path}: no tokenizer, cannot build calibration data")
-  ids = data.calibration_windows(c.source, tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
-                                 seed=c.seed, path=c.path, field=c.field)
-  return quantize_loaded(run, model, params, ids, tokenizer=tokenizer, resume=resume,
-                         progress=progress, source_dtypes=source_dtypes).metrics
+  with memory.tracking():
+    model, params, tokenizer = registry.load_model(resolve_model_path(run.model.path),
+                                                   run.model.dtype, source_dtypes=source_dtypes)
+    memory.release_freed()
+    memory.mark("load_seconds")
+    c = run.calibration
+    if tokenizer is None:
+      raise ModelLoadError(f"model {run.model.path}: no tokenizer, cannot build calibration data")
+    ids = data.calibration_windows(c.source, tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
+                                   seed=c.seed, path=c.path, field=c.field)
+    memory.mark("calibration_data_seconds")
+    handed = [params]
+    del params
+    return quantize_loaded(run, model, handed.pop(), ids, tokenizer=tokenizer, resume=resume,
+                           progress=progress, source_dtypes=source_dtypes).metrics
 
 
 def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.ndarray, *,
@@ -149,12 +169,14 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   baseline: the unquantized model's perplexities when already known (a sweep computes them once
   per model and evaluation settings); None computes them here when run.eval.baseline is set.
   Raises checkpoint.ResumeError when resuming a run of another model/data/config.
+  Memory: the blocks of `params` are replaced as they are quantized; a caller that keeps its
+  own reference to `params` keeps the unquantized copy alive too (`quantize_model` does not).
   """
   run.validate()
   os.makedirs(run.output_dir, exist_ok=True)
   obs = RunObserver(progress)
   compiles = compilation.CompileStats()
-  params = jax.device_get(params)  # host copy; blocks move to the device one at a time
+  params = host_params(params)  # blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
@@ -162,8 +184,10 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   if baseline is None:
     baseline = _baseline(run, model, params, tokenizer, progress)
   if baseline is not None:
+    memory.release_freed()
     obs.phase("baseline_eval_seconds")
   state = _resume_or_start(run, model, params, fp, resume, obs.timer)
+  del params  # state.params holds the blocks now; each quantized block replaces its original
   obs.phase("setup_seconds")
   acts = _initial_activations(run, model, state, calibration_ids)
   obs.phase("embed_or_replay_seconds")
@@ -177,7 +201,8 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   obs.close()
   obs.phase("checkpoint_seconds")
   metrics = _finish(run, model, state.params, state.qweights, state.records, tokenizer, progress,
-                    baseline, obs.timer, source_dtypes)
+                    baseline, obs.timer, source_dtypes,
+                    calibration_hash=data.token_hash(calibration_ids))
   checkpoint.clear(run.output_dir)
   return QuantizedRun(metrics, state.params, state.qweights, state.records, compiles.report())
 
@@ -206,6 +231,7 @@ def _resume_or_start(run, model, params, fp, resume: bool, timer: Timer) -> RunS
 def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activations, i: int,
                             sharing: dict, nsamples: int, obs: RunObserver) -> capture.Activations:
   """Quantizes block i (updating `state`) and returns the inputs of block i + 1."""
+  obs.timer.memory.reset_window()
   layer_params = jax.device_put(model.layer_params(state.params, i))
   classes = _input_classes(model, layer_params, acts, i, sharing)
   obs.phase("transfer_seconds")
@@ -222,14 +248,36 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
     layer_params, block_qw, block_records = _tune(run, model, layer_params, block_qw,
                                                   block_records, acts, targets, i, obs)
     kept = None  # the kept linear inputs predate the tuned parameters
+  buffers = _block_buffers(run, model, layer_params, acts, kept, i, classes)
   acts = capture.block_outputs(model, layer_params, acts, i, kept)
+  buffers["activations_out"] = acts.resident_nbytes()
   obs.phase("propagate_seconds")
-  state.params = model.set_layer_params(state.params, i, jax.device_get(layer_params))
+  state.params = model.set_layer_params(state.params, i, host_params(layer_params))
   state.qweights.update(block_qw)
-  state.records = state.records + block_records
+  report = memory.block_report(buffers, obs.timer.memory.window_peak())
+  state.records = state.records + [{**r, "block_memory": report} for r in block_records]
+  memory.release_freed()  # the replaced block's buffers (see `memory.release_freed`)
   state.block = i + 1
   obs.phase("transfer_seconds")
   return acts
+
+
+def _block_buffers(run, model, layer_params: Params, acts: capture.Activations,
+                   kept: capture.LinearInputs | None, i: int, classes: list[list[Path]]
+                   ) -> dict[str, int]:
+  """Bytes of block i's accounted buffers in memory (host or device; activations on disk count
+  0): its params, input activations, kept linear inputs and the Hessians of its largest group
+  (each group's are freed once it is solved)."""
+  hessians = [sum(4 * _input_width(layer_params, rep) ** 2 for rep in plan.reps)
+              for plan in group_plans(run, model, i, classes)]
+  return dict(block_params=sum(x.nbytes for x in jax.tree.leaves(layer_params)),
+              activations_in=acts.resident_nbytes(),
+              kept_inputs=0 if kept is None else kept.resident_nbytes(),
+              hessians_largest_group=max(hessians, default=0))
+
+
+def _input_width(layer_params: Params, path: Path) -> int:
+  return get_path(layer_params, path)["weight"].shape[-1]
 
 
 def _tune(run, model, layer_params: Params, block_qw: dict, block_records: list[dict],
@@ -254,6 +302,13 @@ def _with_tuned_params(model, params: Params, out_dir: str, blocks_done: int) ->
   return params
 
 
+def host_params(tree: Any) -> Any:
+  """tree where the pipeline keeps the model between block programs: host numpy arrays, or on
+  the CPU backend the arrays as they are (host memory is device memory there: a numpy copy
+  would be copied back to the device for every call)."""
+  return tree if jax.default_backend() == "cpu" else jax.device_get(tree)
+
+
 def _input_classes(model, layer_params, acts: capture.Activations, i: int,
                    sharing: dict) -> list[list[Path]]:
   """Which linears of block i share an input (found once per kind of block, cached in
@@ -270,7 +325,7 @@ def _kept_inputs(run: RunConfig, acts: capture.Activations) -> capture.LinearInp
   """Storage for the block's captured linear inputs, when the run keeps them (see RunConfig)."""
   if not (run.keep_linear_inputs and run.quant.true_sequential):
     return None
-  return capture.LinearInputs(len(acts.batches), acts.on_host)
+  return capture.LinearInputs(len(acts.batches), acts.storage)
 
 
 def replay_block(run: RunConfig, model, layer_params: Params, acts: capture.Activations, i: int,
@@ -315,7 +370,7 @@ def _baseline(run, model, params, tokenizer, progress) -> dict | None:
 def _initial_activations(run, model, state: RunState, ids) -> capture.Activations:
   """Inputs of block `state.block`: saved activations, or the embeddings run through the
   quantized blocks 0..state.block-1 again (the same jitted forwards)."""
-  on_host = run.activations == "host"
+  on_host = activation_storage(run)
   if state.saved_acts is not None:
     return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host)
   embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
@@ -326,6 +381,14 @@ def _initial_activations(run, model, state: RunState, ids) -> capture.Activation
     acts = replay_block(run, model, layer, acts, i, _input_classes(model, layer, acts, i,
                                                                    sharing))
   return acts
+
+
+def activation_storage(run: RunConfig) -> capture.Storage:
+  """Where and in which dtype run's activations and kept inputs live (see RunConfig);
+  "disk" ones under the checkpoint folder (removed at the end of the run)."""
+  return capture.Storage(where=run.activations, dtype=run.activation_dtype,
+                         directory=os.path.join(checkpoint.checkpoint_dir(run.output_dir),
+                                                "scratch"))
 
 
 def _with_quantized(model, params: Params, qweights: dict) -> Params:
@@ -402,6 +465,7 @@ def quantize_block(run: RunConfig, model, layer_params: Params, acts: capture.Ac
       obs.phase("solve_pack_seconds")
       qweights.update(stack_qw)
       records += [{**r, "layer": layer_index, "nsamples": nsamples} for r in stack_records]
+    del hessians  # freed before the next group's capture (one group's Hessians at a time)
   return layer_params, qweights, records
 
 
@@ -460,6 +524,15 @@ def _pack_linear(run: RunConfig, layer_params: Params, path: Path, name: str, W:
   return layer_params, qw, record
 
 
+def block_memory(records: list[dict]) -> list[dict]:
+  """[{"block": i, **memory.block_report}] of the blocks in the log (from their first record)."""
+  blocks: dict[int, dict] = {}
+  for r in records:
+    if "block_memory" in r:
+      blocks.setdefault(r["layer"], {"block": r["layer"], **r["block_memory"]})
+  return [blocks[i] for i in sorted(blocks)]
+
+
 def summarize(records: list[dict]) -> dict:
   """Totals over the log: summed (relative) objectives and parameter-weighted bits."""
   n = sum(r["shape"][0] * r["shape"][1] for r in records)
@@ -484,9 +557,22 @@ def _export_formats(run: RunConfig) -> dict:
           for fmt in run.exports}
 
 
+def token_hashes(calibration_hash: str, metrics: dict) -> dict:
+  """{"calibration": hash, "evaluation": {source: hash}} (`data.token_hash`) of a run's token
+  windows, the evaluation ones from its perplexity results (baseline or quantized)."""
+  evaluated = {**metrics.get("baseline_perplexity", {}), **metrics.get("perplexity", {})}
+  return dict(calibration=calibration_hash,
+              evaluation={source: r.get("token_hash") for source, r in evaluated.items()})
+
+
 def _finish(run, model, params, qweights, records, tokenizer, progress, baseline,
-            timer: Timer, source_dtypes: dict[str, str] | None) -> dict:
+            timer: Timer, source_dtypes: dict[str, str] | None, *, calibration_hash: str) -> dict:
   """Evaluates (if configured), writes the model directory and metrics.json.
+
+  metrics["token_hashes"] (also in run_config.json): `token_hashes`, whatever the checkpoint
+  mode. metrics["memory"]: `memory.memory_report` (the host peak of each phase of "timing",
+  plus load / calibration_data under `quantize_model`) and "blocks", each block's
+  `memory.block_report`.
 
   metrics["timing"] (seconds): quantize_seconds and the phases that add up to it: setup
   (host copy, fingerprint, checkpoint loading), embed_or_replay, transfer (block params to and
@@ -509,13 +595,18 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
                                                         default_seqlen=default_seqlen,
                                                         progress=progress)
     timing["eval_seconds"] = round(time.perf_counter() - start, 3)
+    memory.release_freed()
+    memory.mark("eval_seconds")
+  metrics["token_hashes"] = token_hashes(calibration_hash, metrics)
   start = time.perf_counter()
   export.write_model_dir(run.output_dir, model, params, qweights, tokenizer=tokenizer,
-                         run_config=run, extra=dict(run_config=config_lib.to_dict(run)),
-                         source_dtypes=source_dtypes)
+                         run_config=run, extra=dict(run_config=config_lib.to_dict(run),
+                                                    token_hashes=metrics["token_hashes"]),
+                         source_dtypes=source_dtypes, token_hashes=metrics["token_hashes"])
   timing["export_seconds"] = round(time.perf_counter() - start, 3)
+  memory.mark("export_seconds")
   metrics["timing"] = timing
-  metrics["memory"] = memory.memory_report()
+  metrics["memory"] = dict(memory.memory_report(), blocks=block_memory(records))
   metrics_path = os.path.join(run.output_dir, export.METRICS_FILE)
   io_utils.atomic_write_json(metrics_path, metrics)
   if run.exports:  # after the run directory is complete, so a refused format loses nothing

@@ -2,7 +2,7 @@
 
 `tracking()` starts a background thread that samples this process's current RSS every
 10 ms; `mark(phase)` charges the highest sample since the previous mark to `phase` (the
-pipeline's Timer marks each lap, so the phases of metrics["memory"]["phases"] are those of
+pipeline's Timer marks each lap, so the phases of metrics["memory"]["phases_host_mib"] are those of
 metrics["timing"]). ru_maxrss (`peak_host_mib`) is the process-lifetime peak: a phase's peak
 is only visible by sampling. A peak shorter than the interval can be missed by the phases (not
 by peak_host_mib).

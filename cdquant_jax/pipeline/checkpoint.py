@@ -32,7 +32,7 @@ from cdquant_jax.quant import serialize
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 # RunConfig fields that do not change the quantized result (not fingerprinted).
-_UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint")
+_UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint", "token_hashes")
 
 
 class ResumeError(RuntimeError):

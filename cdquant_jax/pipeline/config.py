@@ -136,6 +136,10 @@ class RunConfig:
   (`cdquant_jax.export`) into output_dir/export/<format>; a module a format cannot hold fails
   the export with one line (the run directory is complete by then: `cdquant export` can retry).
   tune: per-block tuning of the continuous parameters after the solve (`pipeline.tune`).
+  token_hashes: the token windows this run must use, {"calibration": hash, "evaluation":
+  {source: hash}} (`data.token_hash`; a run writes its own into run_config.json, so re-running
+  that file checks that it sees the same data): the calibration windows are checked before any
+  work, each evaluation source when it is evaluated; a different hash is an error naming it.
   """
 
   model: ModelSource = ModelSource()
@@ -150,9 +154,11 @@ class RunConfig:
   keep_linear_inputs: bool = True
   exports: tuple[ExportFormat, ...] = ()
   tune: TuneConfig = TuneConfig()
+  token_hashes: dict | None = None
 
   def validate(self) -> "RunConfig":
     """Raises ConfigError for a bad value; returns self."""
+    self._check_token_hashes()
     for name in ("nsamples", "seqlen"):
       if getattr(self.calibration, name) < 1:
         raise config_lib.ConfigError(f"calibration.{name} must be >= 1, "
@@ -185,6 +191,34 @@ class RunConfig:
     self.tune.check_run(self.calibration.nsamples, (self.quant.method,) + tuple(
         r.method for r in self.quant.rules if r.method))
     return self
+
+
+  def _check_token_hashes(self) -> None:
+    """ConfigError for token_hashes entries that name nothing this run tokenizes."""
+    if self.token_hashes is None:
+      return
+    unknown = sorted(set(self.token_hashes) - {"calibration", "evaluation"})
+    if unknown:
+      raise config_lib.ConfigError(f"token_hashes: unknown key(s) {unknown}; known: "
+                                   "['calibration', 'evaluation']")
+    evaluation = self.token_hashes.get("evaluation") or {}
+    missing = sorted(set(evaluation) - set(self.eval.sources))
+    if missing:
+      raise config_lib.ConfigError(f"token_hashes.evaluation: source(s) {missing} are not in "
+                                   f"eval.sources={list(self.eval.sources)}")
+
+  def expected_hash(self, kind: str, source: str | None = None) -> str | None:
+    """The recorded hash of the calibration windows, or of evaluation `source`; None if none."""
+    recorded = (self.token_hashes or {}).get(kind)
+    return recorded if source is None or recorded is None else recorded.get(source)
+
+
+def check_token_hash(what: str, actual: str, expected: str | None) -> None:
+  """ConfigError when a recorded hash (token_hashes.<what>) differs from the data's."""
+  if expected is not None and actual != expected:
+    raise config_lib.ConfigError(
+        f"token_hashes.{what}: the windows hash to {actual[:16]}..., the config records "
+        f"{expected[:16]}...: the text, tokenizer or window settings changed")
 
 
 def check_solver_settings(quant: QuantSettings) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from cdquant_jax import data
 from cdquant_jax.eval.perplexity import perplexity_from_nll
 from cdquant_jax.pipeline import capture
-from cdquant_jax.pipeline.config import EvalSettings
+from cdquant_jax.pipeline.config import EvalSettings, check_token_hash
 
 
 def limit_windows(ids: np.ndarray, seqlen: int, max_windows: int | None) -> np.ndarray:
@@ -33,8 +33,12 @@ def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
 
 
 def evaluate_sources(settings: EvalSettings, model, params, tokenizer, *, default_seqlen: int,
-                     progress: bool = False) -> dict[str, dict]:
-  """{source: perplexity dict (+ seqlen, token_hash)} for every configured source."""
+                     progress: bool = False, expected: dict | None = None) -> dict[str, dict]:
+  """{source: perplexity dict (+ seqlen, token_hash)} for every configured source.
+
+  expected: {source: token hash} the windows must have (`RunConfig.token_hashes`); checked
+  before the source is evaluated.
+  """
   if settings.sources and tokenizer is None:
     raise ValueError(f"eval.sources={list(settings.sources)} needs a tokenizer; the model has none")
   seqlen = settings.seqlen or default_seqlen
@@ -42,6 +46,7 @@ def evaluate_sources(settings: EvalSettings, model, params, tokenizer, *, defaul
   for source in settings.sources:
     ids = data.evaluation_ids(source, tokenizer, seqlen=seqlen, path=settings.paths.get(source))
     ids = limit_windows(ids, seqlen, settings.max_windows)
+    check_token_hash(f"evaluation.{source}", data.token_hash(ids), (expected or {}).get(source))
     result = model_perplexity(model, params, ids, seqlen=seqlen, batch_size=settings.batch_size,
                               progress=progress)
     out[source] = {**result, "seqlen": seqlen, "token_hash": data.token_hash(ids)}

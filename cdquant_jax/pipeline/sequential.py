@@ -31,7 +31,7 @@ from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.params import get_path, set_path
 from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog, tune
-from cdquant_jax.pipeline.config import RunConfig
+from cdquant_jax.pipeline.config import RunConfig, check_token_hash
 from cdquant_jax.pipeline.rules import is_included, module_name, solver_for
 from cdquant_jax.quant import bits as bits_lib
 from cdquant_jax.quant import qweight
@@ -178,6 +178,8 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   compiles = compilation.CompileStats()
   params = host_params(params)  # blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
+  check_token_hash("calibration", data.token_hash(calibration_ids),
+                   run.expected_hash("calibration"))
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
@@ -364,7 +366,8 @@ def _baseline(run, model, params, tokenizer, progress) -> dict | None:
   if not (run.eval.baseline and run.eval.sources):
     return None
   return evaluation.evaluate_sources(run.eval, model, params, tokenizer,
-                                     default_seqlen=run.calibration.seqlen, progress=progress)
+                                     default_seqlen=run.calibration.seqlen, progress=progress,
+                                     expected=run.expected_hash("evaluation"))
 
 
 def _initial_activations(run, model, state: RunState, ids) -> capture.Activations:
@@ -593,7 +596,8 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
     start = time.perf_counter()
     metrics["perplexity"] = evaluation.evaluate_sources(run.eval, model, params, tokenizer,
                                                         default_seqlen=default_seqlen,
-                                                        progress=progress)
+                                                        progress=progress,
+                                                        expected=run.expected_hash("evaluation"))
     timing["eval_seconds"] = round(time.perf_counter() - start, 3)
     memory.release_freed()
     memory.mark("eval_seconds")

@@ -164,6 +164,36 @@ def test_token_hashes_include_the_evaluation_windows(tiny, tmp_path):
   assert saved["token_hashes"] == result.metrics["token_hashes"]
 
 
+def test_a_runs_own_run_config_reruns_and_checks_its_token_hashes(tiny, tmp_path):
+  """run_config.json loads as a run config; re-run, it reproduces the run; with another
+  calibration set or a tampered evaluation hash it fails, naming the hash, before evaluating."""
+  model, params, calib, held_out = tiny
+  text = tmp_path / "eval.txt"
+  text.write_text(" ".join(f"w{i}" for i in held_out.reshape(-1)))
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  first = run_config_from_dict({
+      "output_dir": str(tmp_path / "first"), "checkpoint": "none",
+      "quant": {"method": "rtn", "knobs": {"bits": 4, "group_size": 16}},
+      "calibration": {"nsamples": 24, "seqlen": SEQLEN},
+      "eval": {"sources": ["text"], "paths": {"text": str(text)}}})
+  done = quantize_loaded(first, model, params, calib, tokenizer=tok, progress=False)
+  saved = json.load(open(tmp_path / "first" / export.RUN_CONFIG_FILE))
+  again = run_config_from_dict({**saved, "output_dir": str(tmp_path / "again")})
+  assert again.token_hashes == done.metrics["token_hashes"]
+  redone = quantize_loaded(again, model, params, calib, tokenizer=tok, progress=False)
+  assert redone.metrics["perplexity"] == done.metrics["perplexity"]
+  with pytest.raises(ConfigError, match="token_hashes.calibration"):
+    quantize_loaded(again, model, params, calib[::-1], tokenizer=tok, progress=False)
+  tampered = {**saved, "token_hashes": {**saved["token_hashes"], "evaluation": {"text": "0" * 64}}}
+  with pytest.raises(ConfigError, match="token_hashes.evaluation.text"):
+    quantize_loaded(run_config_from_dict(tampered), model, params, calib, tokenizer=tok,
+                    progress=False)
+  with pytest.raises(ConfigError, match=r"source\(s\) \['c4'\] are not in eval.sources"):
+    run_config_from_dict({**saved, "token_hashes": {"evaluation": {"c4": "0" * 64}}})
+
+
 def test_chunked_head_equals_the_whole_batch_head(tiny, monkeypatch):
   model, params, calib, _ = tiny
   monkeypatch.setattr(capture, "HEAD_CHUNK_TOKENS", 7)  # 3 x 16 tokens: 7 chunks, 1 padded

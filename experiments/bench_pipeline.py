@@ -366,6 +366,12 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (all its threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def ours_side(args) -> dict:
   """Child process: load, write the inputs (--write-inputs), quantize + evaluate as a run does."""
   start = time.perf_counter()
@@ -386,7 +392,7 @@ def ours_side(args) -> dict:
                 total_seconds=round(time.perf_counter() - start, 3))
   keep = ("ppl", "nll_sum", "n_tokens", "n_windows")
   return dict(settings=config_lib.to_dict(run.quant), timing=timing, compile=result.compile,
-              peak_rss_mib=round(peak_rss_mib(), 1),
+              peak_rss_mib=round(peak_rss_mib(), 1), cpu_seconds=round(cpu_seconds(), 1),
               baseline={k: baseline[k] for k in keep}, quantized={k: quantized[k] for k in keep},
               calibration_hash=data.token_hash(calib), evaluation_hash=data.token_hash(windows),
               relative_objective_sum=metrics["summary"]["relative_objective_sum"],
@@ -461,9 +467,10 @@ def peer_markdown(sides: dict, args) -> str:
   rows = [
       ("quantize s (oneshot / quantize_seconds)", lambda r: r["timing"]["quantize_seconds"]),
       ("total s (process wall: load, 2 evals, quantize)", lambda r: r["wall_seconds"]),
-      ("of which compile s", lambda r: r.get("compile", {}).get("compile_seconds", "-")),
+      ("compile s (inside quantize)", lambda r: r.get("compile", {}).get("compile_seconds", "-")),
+      ("CPU s (user + sys, whole process)", lambda r: r.get("cpu_seconds", "-")),
       ("peak RSS MiB", lambda r: r["peak_rss_mib"]),
-      ("baseline ppl", lambda r: round(r["baseline"]["ppl"], 4)),
+      ("baseline ppl (unquantized)", lambda r: round(r["baseline"]["ppl"], 6)),
       ("quantized ppl", lambda r: round(r["quantized"]["ppl"], 4)),
       ("load avg before -> after", lambda r: r["load"]),
   ]

@@ -58,6 +58,12 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (all its threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def load_model(gguf: str, config_dir: str):
   """(model, tokenizer): SmolLM2 from the GGUF file through transformers, float32, eval mode.
 
@@ -179,7 +185,8 @@ def run(args) -> dict:
                             smoke_layers=args.smoke_layers),
               calibration_hash=token_hash(calib), evaluation_hash=token_hash(windows),
               calibration_shape=list(calib.shape), evaluation_shape=list(windows.shape),
-              timing=timing, peak_rss_mib=round(peak_rss_mib(), 1), baseline=baseline,
+              timing=timing, peak_rss_mib=round(peak_rss_mib(), 1),
+              cpu_seconds=round(cpu_seconds(), 1), baseline=baseline,
               quantized=quantized, versions=versions())
 
 

@@ -143,43 +143,38 @@ def test_token_hashes_are_recorded_without_checkpoints(tiny, runs):
   assert saved["token_hashes"]["calibration"] == expected
 
 
-def test_token_hashes_include_the_evaluation_windows(tiny, tmp_path):
-  model, _, _, held_out = tiny
-  text = tmp_path / "eval.txt"
-  text.write_text(" ".join(f"w{i}" for i in held_out.reshape(-1)))
-  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
-  tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  cfg = run_config_from_dict({
-      "output_dir": str(tmp_path / "out"), "checkpoint": "none",
-      "quant": {"method": "gptq", "knobs": {"bits": 4, "group_size": 16}},
-      "calibration": {"nsamples": 24, "seqlen": SEQLEN},
-      "eval": {"sources": ["text"], "paths": {"text": str(text)}}})
-  result = quantize_loaded(cfg, model, tiny[1], tiny[2], tokenizer=tok, progress=False)
-  hashes = result.metrics["token_hashes"]["evaluation"]
-  assert hashes == {"text": result.metrics["perplexity"]["text"]["token_hash"]}
-  assert len(hashes["text"]) == 64 and hashes["text"] != result.metrics["token_hashes"][
-      "calibration"]
-  saved = json.load(open(tmp_path / "out" / export.RUN_CONFIG_FILE))
-  assert saved["token_hashes"] == result.metrics["token_hashes"]
-
-
-def test_a_runs_own_run_config_reruns_and_checks_its_token_hashes(tiny, tmp_path):
-  """run_config.json loads as a run config; re-run, it reproduces the run; with another
-  calibration set or a tampered evaluation hash it fails, naming the hash, before evaluating."""
+def _evaluated_run(tiny, tmp_path, method: str):
+  """(tokenizer, QuantizedRun, its saved run_config.json) of a 4-bit `method` run evaluated on
+  a text file of held-out windows, in tmp_path/first."""
   model, params, calib, held_out = tiny
   text = tmp_path / "eval.txt"
   text.write_text(" ".join(f"w{i}" for i in held_out.reshape(-1)))
   from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
   tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  first = run_config_from_dict({
+  cfg = run_config_from_dict({
       "output_dir": str(tmp_path / "first"), "checkpoint": "none",
-      "quant": {"method": "rtn", "knobs": {"bits": 4, "group_size": 16}},
+      "quant": {"method": method, "knobs": {"bits": 4, "group_size": 16}},
       "calibration": {"nsamples": 24, "seqlen": SEQLEN},
       "eval": {"sources": ["text"], "paths": {"text": str(text)}}})
-  done = quantize_loaded(first, model, params, calib, tokenizer=tok, progress=False)
-  saved = json.load(open(tmp_path / "first" / export.RUN_CONFIG_FILE))
+  result = quantize_loaded(cfg, model, params, calib, tokenizer=tok, progress=False)
+  return tok, result, json.load(open(tmp_path / "first" / export.RUN_CONFIG_FILE))
+
+
+def test_token_hashes_include_the_evaluation_windows(tiny, tmp_path):
+  _, result, saved = _evaluated_run(tiny, tmp_path, "gptq")
+  hashes = result.metrics["token_hashes"]["evaluation"]
+  assert hashes == {"text": result.metrics["perplexity"]["text"]["token_hash"]}
+  assert len(hashes["text"]) == 64 and hashes["text"] != result.metrics["token_hashes"][
+      "calibration"]
+  assert saved["token_hashes"] == result.metrics["token_hashes"]
+
+
+def test_a_runs_own_run_config_reruns_and_checks_its_token_hashes(tiny, tmp_path):
+  """run_config.json loads as a run config; re-run, it reproduces the run; with another
+  calibration set or a tampered evaluation hash it fails, naming the hash, before evaluating."""
+  model, params, calib, _ = tiny
+  tok, done, saved = _evaluated_run(tiny, tmp_path, "rtn")
   again = run_config_from_dict({**saved, "output_dir": str(tmp_path / "again")})
   assert again.token_hashes == done.metrics["token_hashes"]
   redone = quantize_loaded(again, model, params, calib, tokenizer=tok, progress=False)

@@ -1,11 +1,12 @@
 """Plots of sweep results (matplotlib, Agg canvas; each function returns the Figure or None).
 
-- `pareto`: perplexity vs bits per parameter, one line per method (mean over seeds per setting),
+- `pareto`: perplexity vs bits per parameter, one line per series (`series`: the variant, else
+  the method; mean over seeds per setting),
   the Pareto front over all settings, and the 16-bit baseline.
 - `layer_ratio`: per-layer relative objective of each method / GPTQ's on the same layer (same
   model, mode, bits, group size and seed), geometric mean by layer kind and by block.
 - `objective_trace`: CD objective vs steps, for rows that carry an `objective_trace`.
-- `time_vs_perplexity`: quantize seconds vs perplexity, one series per method.
+- `time_vs_perplexity`: quantize seconds vs perplexity, one scatter per series.
 - `outlier_share`: share of outlier weights per linear (in block order), one line per setting.
 
 Per-layer records come from a bank row's `layers` or a sequential run's `run_dir/log.jsonl`.
@@ -47,8 +48,15 @@ def save_figure(fig: Figure, out_dir: str, stem: str) -> list[str]:
   return paths
 
 
+def series(row: dict) -> str:
+  """A row's plot series: its variant, else its method (a variant sweep runs one method in
+  several settings, e.g. variants gptq and gptq_act_order of method gptq)."""
+  return str(row.get("variant") or row.get("method"))
+
+
 def _methods(rows: list[dict]) -> list[str]:
-  return sorted({str(r.get("method")) for r in rows}, key=results.sort_key)
+  """The series of the rows (`series`), in the results' method order."""
+  return sorted({series(r) for r in rows}, key=results.sort_key)
 
 
 def _mean_points(rows: list[dict], x_path: str, y_path: str) -> list[tuple[float, float]]:
@@ -81,13 +89,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto(rows: list[dict], metric: str, bits_field: str = "bits_formula") -> Figure | None:
-  """Perplexity (`metric`, e.g. perplexity.wikitext2) vs bits per parameter, per method."""
+  """Perplexity (`metric`, e.g. perplexity.wikitext2) vs bits per parameter, per series."""
   x_path = bits_field if any(results.number(results.field(r, bits_field)) is not None
                              for r in rows) else "bits"
   fig, (ax,) = new_figure()
   everything = []
   for method in _methods(rows):
-    points = _mean_points([r for r in rows if str(r.get("method")) == method], x_path, metric)
+    points = _mean_points([r for r in rows if series(r) == method], x_path, metric)
     if points:
       ax.plot(*zip(*points), marker="o", label=method)
       everything += points
@@ -117,12 +125,12 @@ def _baseline(rows: list[dict], metric: str) -> float | None:
 
 
 def time_vs_perplexity(rows: list[dict], metric: str) -> Figure | None:
-  """quantize_seconds vs `metric`, one scatter series per method (every row a point)."""
+  """quantize_seconds vs `metric`, one scatter per series (every row a point)."""
   fig, (ax,) = new_figure()
   any_points = False
   for method in _methods(rows):
     pairs = [(results.number(r.get("quantize_seconds")), results.number(results.field(r, metric)))
-             for r in rows if str(r.get("method")) == method]
+             for r in rows if series(r) == method]
     pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
     if pairs:
       ax.scatter(*zip(*pairs), label=method)
@@ -185,7 +193,7 @@ def layer_ratios(rows: list[dict], sweep_dir: str | None = None,
   (the mean over the reference rows of that key)."""
   reference_objectives: dict[tuple, dict[str, list[float]]] = {}
   for row in rows:
-    if row.get("method") == reference:
+    if series(row) == reference:
       table = reference_objectives.setdefault(_pair_key(row), {})
       for rec in layer_records(row, sweep_dir):
         value = results.number(rec.get("relative_objective"))
@@ -194,12 +202,12 @@ def layer_ratios(rows: list[dict], sweep_dir: str | None = None,
   out = []
   for row in rows:
     table = reference_objectives.get(_pair_key(row))
-    if row.get("method") in (reference, "rtn") or not table:
+    if series(row) == reference or row.get("method") == "rtn" or not table:
       continue
     for rec in layer_records(row, sweep_dir):
       value, ref = results.number(rec.get("relative_objective")), table.get(rec["module"])
       if value is not None and ref and np.mean(ref) > 0:
-        out.append(dict(method=str(row["method"]), module=rec["module"], kind=rec["kind"],
+        out.append(dict(method=series(row), module=rec["module"], kind=rec["kind"],
                         block=rec["block"], ratio=value / float(np.mean(ref))))
   return out
 

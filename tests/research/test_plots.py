@@ -142,3 +142,22 @@ def test_save_figure_writes_png_and_pdf(rows, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(paths[1], "rb") as f:
     assert f.read(5) == b"%PDF-"
+
+
+def test_variants_of_one_method_are_separate_series(sweep_dir, rows):
+  """A variant sweep (variants gptq and gptq_act_order, both method gptq) plots one line per
+  variant, and only the variant named gptq is the layer-ratio reference."""
+  gptq = [r for r in rows if r["method"] == "gptq"]
+  act_order = [dict(r, variant="gptq_act_order", act_order=True,
+                    perplexity={METRIC.split(".")[1]: r["perplexity"]["wikitext2"] / 2})
+               for r in gptq]
+  mixed = rows + act_order
+  lines = _lines(plots.pareto(mixed, METRIC).axes[0])
+  assert set(lines) == set(METHODS) | {"gptq_act_order", "Pareto front", "16-bit baseline"}
+  np.testing.assert_allclose(lines["gptq_act_order"].get_ydata(),
+                             [y / 2 for _, y in _expected_points("gptq")])
+  np.testing.assert_allclose(lines["gptq"].get_ydata(), [y for _, y in _expected_points("gptq")])
+  ratios = plots.layer_ratios(mixed, sweep_dir)
+  assert {r["method"] for r in ratios} == {"cd", "bcd", "gptq_act_order"}
+  # The act-order copies have GPTQ's own layer records: ratio 1 on every layer.
+  assert all(r["ratio"] == 1.0 for r in ratios if r["method"] == "gptq_act_order")

@@ -32,7 +32,8 @@ from cdquant_jax.quant import serialize
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 # RunConfig fields that do not change the quantized result (not fingerprinted).
-_UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint", "token_hashes")
+_UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint", "token_hashes",
+                    "solve_devices")
 
 
 class ResumeError(RuntimeError):

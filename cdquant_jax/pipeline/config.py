@@ -136,6 +136,11 @@ class RunConfig:
   (`cdquant_jax.export`) into output_dir/export/<format>; a module a format cannot hold fails
   the export with one line (the run directory is complete by then: `cdquant export` can retry).
   tune: per-block tuning of the continuous parameters after the solve (`pipeline.tune`).
+  solve_devices: split every layer solve's output rows over this many local devices
+  (`distributed.solve_sharded`: one contiguous shard per device, solved concurrently; the
+  result equals the one-device solve bit for bit, so resume may change it); None or 1 = one
+  device. Methods whose rows are coupled (bcd, spqr-cd) are rejected when the config is built;
+  more devices than the process has is an error when the run starts.
   token_hashes: the token windows this run must use, {"calibration": hash, "evaluation":
   {source: hash}} (`data.token_hash`; a run writes its own into run_config.json, so re-running
   that file checks that it sees the same data): the calibration windows are checked before any
@@ -154,11 +159,13 @@ class RunConfig:
   keep_linear_inputs: bool = True
   exports: tuple[ExportFormat, ...] = ()
   tune: TuneConfig = TuneConfig()
+  solve_devices: int | None = None
   token_hashes: dict | None = None
 
   def validate(self) -> "RunConfig":
     """Raises ConfigError for a bad value; returns self."""
     self._check_token_hashes()
+    self._check_solve_devices()
     for name in ("nsamples", "seqlen"):
       if getattr(self.calibration, name) < 1:
         raise config_lib.ConfigError(f"calibration.{name} must be >= 1, "
@@ -206,6 +213,18 @@ class RunConfig:
     if missing:
       raise config_lib.ConfigError(f"token_hashes.evaluation: source(s) {missing} are not in "
                                    f"eval.sources={list(self.eval.sources)}")
+
+  def _check_solve_devices(self) -> None:
+    """ConfigError for a device count < 1 or a method whose rows cannot be split."""
+    if self.solve_devices is None:
+      return
+    if self.solve_devices < 1:
+      raise config_lib.ConfigError(f"solve_devices must be >= 1, got {self.solve_devices}")
+    from cdquant_jax.distributed.solve import NOT_SHARDABLE  # pylint: disable=import-outside-toplevel
+    for method in (self.quant.method,) + tuple(r.method for r in self.quant.rules if r.method):
+      if self.solve_devices > 1 and method in NOT_SHARDABLE:
+        raise config_lib.ConfigError(f"solve_devices={self.solve_devices} with method {method}: "
+                                     f"its rows cannot be split ({NOT_SHARDABLE[method]})")
 
   def expected_hash(self, kind: str, source: str | None = None) -> str | None:
     """The recorded hash of the calibration windows, or of evaluation `source`; None if none."""

@@ -180,6 +180,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   calibration_ids = np.asarray(calibration_ids, np.int32)
   check_token_hash("calibration", data.token_hash(calibration_ids),
                    run.expected_hash("calibration"))
+  check_solve_devices(run)
   fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
@@ -493,7 +494,7 @@ def quantize_linears(run: RunConfig, layer_params: Params, names: dict[Path, str
   Ws = {p: jnp.asarray(w, jnp.float32) for p, w in weights.items()}
   method, cfg = solver_for(run.quant, next(iter(names.values())))
   W = next(iter(Ws.values())) if len(Ws) == 1 else jnp.concatenate(list(Ws.values()), axis=0)
-  result = api.solve(method, W, H, cfg, layer="+".join(names.values()))
+  result = _solve(run, method, W, H, cfg, "+".join(names.values()))
   solve_share = (time.perf_counter() - start) / len(names)
   qweights, records, row = {}, [], 0
   for path, name in names.items():
@@ -506,6 +507,23 @@ def quantize_linears(run: RunConfig, layer_params: Params, names: dict[Path, str
     record["seconds"] = round(solve_share + time.perf_counter() - start, 4)
     records.append(record)
   return layer_params, qweights, records
+
+
+def _solve(run: RunConfig, method: str, W: jax.Array, H: jax.Array, cfg, layer: str):
+  """`api.solve`, or its rows split over run.solve_devices local devices."""
+  if (run.solve_devices or 1) == 1:
+    return api.solve(method, W, H, cfg, layer=layer)
+  from cdquant_jax.distributed import solve as dsolve  # pylint: disable=import-outside-toplevel
+  return dsolve.solve_sharded(method, W, H, cfg, jax.local_devices()[:run.solve_devices],
+                              layer=layer)
+
+
+def check_solve_devices(run: RunConfig) -> None:
+  """ConfigError when run.solve_devices exceeds this process's local devices."""
+  available = jax.local_device_count()
+  if (run.solve_devices or 1) > available:
+    raise config_lib.ConfigError(f"solve_devices={run.solve_devices}: this process has "
+                                 f"{available} local device(s)")
 
 
 def _pack_linear(run: RunConfig, layer_params: Params, path: Path, name: str, W: jax.Array,

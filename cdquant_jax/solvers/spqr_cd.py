@@ -153,7 +153,9 @@ def resolve_outliers(W, H, Q, mask, *, ridge: float = 1e-6, fp16: bool = False) 
   k = int(jnp.max(jnp.sum(mask, axis=1)))
   if k == 0:
     return Q
-  k = 1 << (k - 1).bit_length()  # pad to a power of two: few distinct compilations
+  # Pad to a power of two (few distinct compilations), but never past d_in: a row of a 2-bit
+  # SpQR layer can hold more than half its columns as outliers.
+  k = min(1 << (k - 1).bit_length(), W.shape[1])
   lam = ridge * jnp.mean(jnp.diag(H))
   return _resolve_outliers(W, H, Q, mask, lam, k=k, fp16=fp16)
 

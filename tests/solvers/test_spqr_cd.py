@@ -52,6 +52,19 @@ def test_outlier_resolve_matches_numpy_normal_equations(x64, rng):
   np.testing.assert_array_equal(ours[~mask], Q[~mask])
 
 
+def test_outlier_resolve_with_most_of_a_row_outliers(x64, rng):
+  """A row with more outliers than half of d_in (34 of 40: the power-of-two padding, 64, must
+  stop at d_in) — SmolLM2's 2-bit SpQR+CD down_proj failed this way."""
+  W, H = layer_problem(rng, 8, 40)
+  Q = W + 0.01 * rng.normal(size=W.shape)
+  mask = rng.random(W.shape) < 0.1
+  mask[2, 3:37] = True
+  ours = np.asarray(resolve_outliers(jnp.asarray(W), jnp.asarray(H), jnp.asarray(Q),
+                                     jnp.asarray(mask), ridge=0.0))
+  np.testing.assert_allclose(ours, _numpy_optimal_outliers(W, H, Q, mask), rtol=1e-7,
+                             atol=1e-9)
+
+
 @pytest.mark.parametrize("fp16", [False, True])
 def test_spqr_cd_never_worse_keeps_grid_and_outliers(rng, fp16):
   W, H = layer_problem(rng, 32, 128, dead=2)

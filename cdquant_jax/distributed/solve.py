@@ -12,7 +12,7 @@ Given H, the rows of W are independent problems for these methods (checked per s
   spqr       rows of one second-level group (β2 = qq.group_size rows) share statistics, so
              shards are multiples of β2 rows; the outlier threshold τ_abs = τ · mean_c
              var_rows(W[:, c]) / U_cc² is a statistic of ALL rows: it is computed once on the
-             full W and every shard uses it (`spqr_rows`).
+             full W and every shard uses it (`spqr.spqr(..., tau_abs=)`).
 
 Refused (`NOT_SHARDABLE`): bcd, whose greedy rounds run until no row of the layer improves
 (or `rescan_every` steps) and resync G at multiples of the LAYER's step count, so a row's G is
@@ -34,11 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from cdquant_jax import config as config_lib
-from cdquant_jax._numerics import layer_objective
 from cdquant_jax.distributed import merge as merge_lib
-from cdquant_jax.quant.grids import Flavor, Grid
-from cdquant_jax.solvers import api, hessian, knobs as knobs_lib, padding, spqr as spqr_lib
-from cdquant_jax.solvers.diagnostics import Damping, Diagnostics
+from cdquant_jax.solvers import api, hessian, knobs as knobs_lib, spqr as spqr_lib
 from cdquant_jax.solvers.result import SolveResult
 
 SHARDABLE = ("rtn", "gptq", "cd", "cyclic", "spqr")
@@ -84,52 +81,10 @@ def spqr_threshold(W, H, cfg: spqr_lib.SpQRConfig, *, layer: str = "?") -> jax.A
   W, H = jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32)
   if not cfg.detect_outliers:
     return jnp.asarray(jnp.inf, jnp.float32)
-  perm = _spqr_perm(H, cfg)
-  Wp, Hp = hessian.permute(W, H, perm)
+  Wp, Hp = hessian.permute(W, H, spqr_lib.column_order(H, cfg))
   prep = hessian.prepare_hessian(Hp, Wp, cfg.percdamp, order="spqr",
                                  max_escalations=cfg.max_damp_escalations, layer=layer)
   return cfg.outlier_threshold * spqr_lib.outlier_scale(prep.W, prep.U)
-
-
-def _spqr_perm(H: jax.Array, cfg: spqr_lib.SpQRConfig) -> jax.Array:
-  if cfg.act_order:
-    return hessian.act_order_permutation(H)
-  return jnp.arange(H.shape[0], dtype=jnp.int32)
-
-
-def spqr_rows(W, H, cfg: spqr_lib.SpQRConfig, tau_abs, *, layer: str = "?") -> SolveResult:
-  """`spqr.spqr` on rows W [rows, d_in] (rows a multiple of β2) with a given τ_abs (scalar).
-
-  The driver of `spqr.spqr` step by step with the layer's τ_abs in place of the rows' own
-  (its sweep `spqr._sweep` and tables `spqr._spqr_stats` are reused as they are).
-  """
-  hessian.check_layer_problem(W, H, layer=layer)
-  W, H = jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32)
-  d_out, d_in = W.shape
-  cfg.validate(d_out, d_in, layer)
-  g, B = cfg.columns_per_group(d_in), cfg.block_size(d_in)
-  perm = _spqr_perm(H, cfg)
-  Wp, Hp = hessian.permute(W, H, perm)
-  prep = hessian.prepare_hessian(Hp, Wp, cfg.percdamp, order="spqr",
-                                 max_escalations=cfg.max_damp_escalations, layer=layer)
-  D = padding.round_up(d_in, B)
-  Wpad, Upad = padding.pad_axis(prep.W, D), padding.pad_square(prep.U, D, diagonal=1.0)
-  sw = spqr_lib._Sweep(stats=cfg.stats_config(), maxq=cfg.maxq, groupsize=g, blocksize=B,
-                       detect=cfg.detect_outliers,
-                       screen=cfg.detect_outliers and not cfg.simplified_outliers)
-  Qp, codes_p, mask_p, tables = spqr_lib._sweep(Wpad, Upad, jnp.asarray(tau_abs, W.dtype), sw)
-  inv = hessian.inverse_permutation(perm)
-  n_groups = d_in // g
-  grid = Grid(scale=tables.scale[:, :n_groups], zero=tables.zero[:, :n_groups],
-              group_index=(inv // g).astype(jnp.int32), maxq=cfg.maxq, flavor=Flavor.SPQR,
-              sym=cfg.grid.sym, round_zero=cfg.grid.round_zero)
-  Q, mask = Qp[:, :d_in][:, inv], mask_p[:, :d_in][:, inv]
-  diagnostics = Diagnostics(outlier_fraction=jnp.mean(mask.astype(jnp.float32)),
-                            damping=Damping.of(prep), tau_abs=jnp.asarray(tau_abs, jnp.float32))
-  return SolveResult(Q=Q, codes=codes_p[:, :d_in][:, inv], grid=grid, perm=perm,
-                     objective=layer_objective(W, Q, H), outlier_mask=mask,
-                     diagnostics=diagnostics, spqr=spqr_lib._spqr_stats(tables, cfg, n_groups, g),
-                     method="spqr")
 
 
 def _solve_shard(method: str, W_rows, H, cfg, device, tau_abs, layer: str) -> SolveResult:
@@ -137,7 +92,8 @@ def _solve_shard(method: str, W_rows, H, cfg, device, tau_abs, layer: str) -> So
   with jax.default_device(device):
     W_rows, H = jax.device_put(W_rows, device), jax.device_put(H, device)
     if method == "spqr":
-      result = spqr_rows(W_rows, H, cfg, jax.device_put(tau_abs, device), layer=layer)
+      result = spqr_lib.spqr(W_rows, H, cfg, layer=layer,
+                             tau_abs=jax.device_put(tau_abs, device)).replace(method="spqr")
     else:
       result = api.solve(method, W_rows, H, cfg, layer=layer)
     return jax.block_until_ready(result)

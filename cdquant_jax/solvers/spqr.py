@@ -306,7 +306,15 @@ def _spqr_stats(tables: GroupStats, cfg: SpQRConfig, n_groups: int, g: int) -> S
   return SpQRStats(**levels, qq_groupsize=int(cfg.qq.group_size), groupsize=int(g))
 
 
-def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResult:
+def column_order(H, cfg: SpQRConfig) -> jax.Array:
+  """[d_in] int32 processing order of the columns: act-order of H, else the identity."""
+  if cfg.act_order:
+    return hessian.act_order_permutation(H)
+  return jnp.arange(H.shape[0], dtype=jnp.int32)
+
+
+def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?",
+         tau_abs=None) -> SolveResult:
   """Quantizes one layer with SpQR.
 
   Args:
@@ -314,6 +322,8 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
     H: [d_in, d_in] undamped Hessian.
     cfg: SpQR config; d_out must be a multiple of qq_groupsize.
     layer: name used in errors and logs.
+    tau_abs: the absolute outlier threshold to use instead of this W's own (scalar; e.g. the
+      full layer's when W is a shard of its rows, `distributed.solve`); None: computed here.
   Returns:
     SolveResult in the original column order: Q (outliers hold their kept value), codes (at
     outliers: the code of the kept value, unused), grid (dequantized first-level statistics,
@@ -329,17 +339,14 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?") -> SolveResu
   cfg.validate(d_out, d_in, layer)
   g, B = cfg.columns_per_group(d_in), cfg.block_size(d_in)
 
-  if cfg.act_order:
-    perm = hessian.act_order_permutation(H)
-  else:
-    perm = jnp.arange(d_in, dtype=jnp.int32)
+  perm = column_order(H, cfg)
   Wp, Hp = hessian.permute(W, H, perm)
   prep = hessian.prepare_hessian(Hp, Wp, cfg.percdamp, order="spqr",
                                  max_escalations=cfg.max_damp_escalations, layer=layer)
-  if cfg.detect_outliers:
-    tau_abs = cfg.outlier_threshold * outlier_scale(prep.W, prep.U)
-  else:
+  if not cfg.detect_outliers:
     tau_abs = jnp.asarray(jnp.inf, dtype)
+  elif tau_abs is None:
+    tau_abs = cfg.outlier_threshold * outlier_scale(prep.W, prep.U)
 
   # Zero columns after W and an identity block after U, up to D columns (no coupling).
   D = padding.round_up(d_in, B)

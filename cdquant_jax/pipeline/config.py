@@ -136,6 +136,13 @@ class RunConfig:
   (`cdquant_jax.export`) into output_dir/export/<format>; a module a format cannot hold fails
   the export with one line (the run directory is complete by then: `cdquant export` can retry).
   tune: per-block tuning of the continuous parameters after the solve (`pipeline.tune`).
+  weights: where the unquantized decoder-block weights live (`pipeline.weights`): "host" (all
+  read into host memory when the model is loaded), "disk" (only embeddings, final norm and
+  head are loaded; each block is read from the checkpoint file and converted to model.dtype
+  when it is needed, for its quantization and propagation and for every evaluation batch, then
+  dropped; quantized blocks are kept packed). The results are the same bit for bit. "disk"
+  needs the model loaded by `quantize_model` (or `pipeline.weights.load_model`): params
+  already in memory given to `quantize_loaded` are refused.
   solve_devices: split every layer solve's output rows over this many local devices
   (`distributed.solve_sharded`: one contiguous shard per device, solved concurrently; the
   result equals the one-device solve bit for bit, so resume may change it); None or 1 = one
@@ -153,6 +160,7 @@ class RunConfig:
   eval: EvalSettings = EvalSettings()
   output_dir: str = "runs/default"
   activations: Literal["host", "device", "disk"] = "device"
+  weights: Literal["host", "disk"] = "host"
   activation_dtype: Literal["bfloat16", "float16", "float32"] | None = None
   forward_batch_size: int = 8
   checkpoint: Literal["replay", "activations", "none"] = "replay"

@@ -1,31 +1,41 @@
 """GGUF files (llama.cpp): metadata -> HF config dict, tensors dequantized -> HF-named arrays.
 
-Supported architectures: `llama` (Llama, Mistral, SmolLM exports), `qwen2`, `gemma`, `gemma2`.
-Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to float32 with the `gguf`
-package.
+Supported architectures: `llama` (Llama, Mistral, SmolLM exports), `qwen2`, `gemma`, `gemma2`,
+`gemma3` (the text model, HF `gemma3_text`), `falcon` (7B-style multi-query, 40B/180B-style
+new decoder architecture, 11B-style one norm with grouped kv heads). Quantized tensors (Q4_0,
+Q4_1, Q8_0, K-quants, ...) are dequantized to float32 with the `gguf` package.
 
 What llama.cpp's converter changes, undone here: it permutes the rows of attn_q / attn_k (weight
 and bias) of `llama` models so that rope acts on interleaved pairs (`unpermute_rope_rows`
-restores HF's rotate-half order); it stores Gemma's norm weights as 1 + w (llama.cpp multiplies
-by the weight; `ModelConfig.norm_offset` adds the 1 back). Gemma 2 metadata has no
-query_pre_attn_scalar: like llama.cpp, the query scale is 1/sqrt(head_dim), except for the 27B
-(46 blocks), 1/sqrt(hidden / heads); missing soft-caps take llama.cpp's defaults (50, 30).
+restores HF's rotate-half order); it stores Gemma's norm weights (q/k norms of Gemma 3 too) as
+1 + w (llama.cpp multiplies by the weight; `ModelConfig.norm_offset` adds the 1 back); it
+reorders Falcon's fused query_key_value rows from HF's kv groups [K, G + 2, Dh] (G queries, one
+k, one v per group) to [H queries | K keys | K values] (the "jploski" layout;
+`falcon_qkv_rows_to_hf` restores HF's). Gemma 2 / 3 metadata has no query_pre_attn_scalar: like
+llama.cpp, the query scale is 1/sqrt(head_dim), except for the 27B models (Gemma 2: 46 blocks,
+Gemma 3: 62 blocks), 1/sqrt(hidden / heads). Gemma 2's missing soft-caps take llama.cpp's
+defaults (50, 30); Gemma 3's sliding-window pattern (5 local layers, then 1 global) and local rope
+base (10000) are fixed in llama.cpp, not in the file. Falcon's layout comes from the tensors:
+attn_norm_2 (two norms a block, attn_norm_2 before attention, attn_norm before the MLP) means
+the new decoder architecture, one kv head the 7B multi-query one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.hf_loader import LazyTensors
 
-ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2"}
-GEMMA_ARCHS = ("gemma", "gemma2")
+ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
+                      "gemma3": "gemma3_text", "falcon": "falcon"}
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -33,16 +43,55 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Gemma 2 has four norms a block: ffn_norm is the pre-feedforward one there.
+# Gemma 2 / 3 have four norms a block: ffn_norm is the pre-feedforward one there.
 _GEMMA2_LAYER_NAMES = {
     **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
 }
-_ARCH_LAYER_NAMES = {"gemma2": _GEMMA2_LAYER_NAMES}
+_GEMMA3_LAYER_NAMES = {**_GEMMA2_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm",
+                       "attn_k_norm": "self_attn.k_norm"}
+_ARCH_LAYER_NAMES = {"gemma2": _GEMMA2_LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
+_FALCON_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense", "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+# Falcon with two norms a block (new decoder architecture): attn_norm_2 feeds the attention,
+# attn_norm the MLP (llama.cpp's falcon graph; gguf's name map: ln_attn -> attn_norm_2).
+_FALCON_TWO_NORM_NAMES = {**_FALCON_LAYER_NAMES, "attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}
+_FALCON_GLOBAL_NAMES = {"token_embd": "transformer.word_embeddings",
+                        "output_norm": "transformer.ln_f", "output": "lm_head"}
 # llama.cpp's defaults for Gemma 2 keys a file may leave out.
 _GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+# Fixed in llama.cpp's Gemma 3 (not in the file): every 6th layer global, local rope base.
+_GEMMA3_SLIDING_PATTERN, _GEMMA3_LOCAL_ROPE_THETA = 6, 10000.0
+# Block counts of the 27B models, whose query scale is 1/sqrt(hidden / heads) in llama.cpp.
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+FALCON_QKV_LAYOUT = "jploski"
+
+
+@dataclasses.dataclass(frozen=True)
+class NameScheme:
+  """How one file's llama.cpp tensor names map to HF names.
+
+  layer_prefix: HF prefix of block i's tensors, followed by "{i}." ("model.layers.").
+  layer_names: llama.cpp leaf name in a block ("attn_q") -> HF module path ("self_attn.q_proj").
+  global_names: llama.cpp name outside the blocks ("token_embd") -> HF module path.
+  """
+  layer_prefix: str
+  layer_names: dict[str, str]
+  global_names: dict[str, str]
+
+
+def name_scheme(arch: str, gguf_names) -> NameScheme:
+  """The `NameScheme` of a file of architecture `arch` holding tensors `gguf_names`."""
+  if arch == "falcon":
+    two_norms = any(name.endswith(".attn_norm_2.weight") for name in gguf_names)
+    return NameScheme("transformer.h.", _FALCON_TWO_NORM_NAMES if two_norms
+                      else _FALCON_LAYER_NAMES, _FALCON_GLOBAL_NAMES)
+  return NameScheme("model.layers.", _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES), _GLOBAL_NAMES)
 
 
 def open_reader(path: str):
@@ -70,7 +119,11 @@ def read_metadata(reader, skip_arrays: bool = True) -> dict[str, Any]:
 
 def hf_config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                             path: str) -> dict[str, Any]:
-  """A HF config.json-style dict for the model a GGUF file describes."""
+  """A HF config.json-style dict for the model a GGUF file describes.
+
+  tensor_shapes: {GGUF tensor name: numpy-order shape}; some of the config comes from which
+  tensors the file has (tied output, Falcon's norms and biases).
+  """
   arch = meta.get("general.architecture")
   if arch not in ARCH_TO_MODEL_TYPE:
     raise ModelLoadError(f"{path}: general.architecture={arch!r} is not supported "
@@ -82,45 +135,84 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple
   def get(key, default=None):
     return meta.get(f"{arch}.{key}", default)
 
-  heads = get("attention.head_count")
+  family = _falcon_config(get, tensor_shapes, path) if arch == "falcon" else \
+      _llama_like_config(get, arch)
   hf = {
       "model_type": ARCH_TO_MODEL_TYPE[arch],
       "hidden_size": get("embedding_length"),
-      "intermediate_size": get("feed_forward_length"),
       "num_hidden_layers": get("block_count"),
-      "num_attention_heads": heads,
-      "num_key_value_heads": get("attention.head_count_kv", heads),
-      "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+      "num_attention_heads": get("attention.head_count"),
       "max_position_embeddings": get("context_length", 2048),
       "rope_theta": get("rope.freq_base", 10000.0),
       "vocab_size": get("vocab_size", tensor_shapes.get("token_embd.weight", (None,))[0]),
       "tie_word_embeddings": "output.weight" not in tensor_shapes,
       "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
       "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+      **family,
   }
-  if get("attention.key_length") is not None:
-    hf["head_dim"] = get("attention.key_length")
-  if arch == "gemma2":
-    head_dim = hf.get("head_dim", hf["hidden_size"] // heads)
-    hf["query_pre_attn_scalar"] = (hf["hidden_size"] // heads if hf["num_hidden_layers"] == 46
-                                   else head_dim)
-    hf.update({k: get(k, default) for k, default in _GEMMA2_SOFTCAPS.items()})
-    hf["sliding_window"] = get("attention.sliding_window", 4096)
   if get("rope.scaling.type") not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": get("rope.scaling.type"),
                           "factor": get("rope.scaling.factor")}
   return {k: v for k, v in hf.items() if v is not None}
 
 
-def hf_tensor_name(gguf_name: str, path: str, arch: str = "llama") -> str:
+def _llama_like_config(get: Callable[..., Any], arch: str) -> dict[str, Any]:
+  """The Llama-family fields (llama, qwen2, gemma 1/2/3) of the HF config dict."""
+  heads = get("attention.head_count")
+  hf = {
+      "intermediate_size": get("feed_forward_length"),
+      "num_key_value_heads": get("attention.head_count_kv", heads),
+      "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+      "head_dim": get("attention.key_length"),
+  }
+  if arch in _GEMMA_27B_BLOCKS:
+    hidden = get("embedding_length")
+    head_dim = hf["head_dim"] or hidden // heads
+    is_27b = get("block_count") == _GEMMA_27B_BLOCKS[arch]
+    hf["query_pre_attn_scalar"] = hidden // heads if is_27b else head_dim
+    hf["sliding_window"] = get("attention.sliding_window", 4096)
+  if arch == "gemma2":
+    hf.update({k: get(k, default) for k, default in _GEMMA2_SOFTCAPS.items()})
+  if arch == "gemma3":
+    hf.update(sliding_window_pattern=_GEMMA3_SLIDING_PATTERN,
+              rope_local_base_freq=_GEMMA3_LOCAL_ROPE_THETA)
+  return hf
+
+
+def _falcon_config(get: Callable[..., Any], tensor_shapes: dict[str, tuple[int, ...]],
+                   path: str) -> dict[str, Any]:
+  """The Falcon fields of the HF config dict; the qkv / norm layout comes from the tensors."""
+  layout = get("tensor_data_layout", FALCON_QKV_LAYOUT)
+  if layout != FALCON_QKV_LAYOUT:
+    raise ModelLoadError(f"{path}: falcon.tensor_data_layout={layout!r} is not supported "
+                         f"(supported: {FALCON_QKV_LAYOUT!r})")
+  heads = get("attention.head_count")
+  kv_heads = get("attention.head_count_kv", 1)
+  two_norms = any(name.endswith(".attn_norm_2.weight") for name in tensor_shapes)
+  if two_norms or 1 < kv_heads < heads:  # Falcon 40B / 180B (two norms), Falcon 11B (one)
+    layout_fields = {"new_decoder_architecture": True,
+                     "num_ln_in_parallel_attn": 2 if two_norms else 1}
+  else:  # Falcon 7B (one kv head) or multi-head attention
+    layout_fields = {"new_decoder_architecture": False, "multi_query": kv_heads == 1}
+  return {
+      "ffn_hidden_size": get("feed_forward_length"),
+      "num_kv_heads": kv_heads,
+      "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5),
+      "parallel_attn": True,  # llama.cpp's falcon graph is parallel attention + MLP only
+      "alibi": False,
+      "bias": "blk.0.attn_qkv.bias" in tensor_shapes,
+      **layout_fields,
+  }
+
+
+def hf_tensor_name(gguf_name: str, path: str, scheme: NameScheme) -> str:
   """llama.cpp tensor name -> HF name (e.g. blk.3.attn_q.weight -> model.layers.3.self_attn...)."""
-  layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
   m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-  if m and m.group(2) in layer_names:
-    return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
+  if m and m.group(2) in scheme.layer_names:
+    return f"{scheme.layer_prefix}{m.group(1)}.{scheme.layer_names[m.group(2)]}.{m.group(3)}"
   m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-  if m and m.group(1) in _GLOBAL_NAMES:
-    return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+  if m and m.group(1) in scheme.global_names:
+    return f"{scheme.global_names[m.group(1)]}.{m.group(2)}"
   raise ModelLoadError(f"{path}: unsupported GGUF tensor {gguf_name!r}")
 
 
@@ -133,6 +225,25 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   half = d_out // n_heads // 2
   # [d_out, ...] -> [n_heads, half, 2, ...] -> [n_heads, 2, half, ...] -> [d_out, ...]
   return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def falcon_qkv_rows_to_hf(w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's Falcon qkv transform: rows [H queries | K keys | K values] -> HF's
+  kv groups [K, G + 2] (G = H / K queries, then the group's key, then its value).
+
+  w: the fused weight [(H + 2K) * Dh, d_in] or bias [(H + 2K) * Dh]; returns the same shape.
+  """
+  rest = w.shape[1:]
+  head_dim = w.shape[0] // (n_heads + 2 * n_kv_heads)
+  group = n_heads // n_kv_heads
+  # [(H + 2K) * Dh, ...] -> [H + 2K, Dh, ...]
+  rows = w.reshape(n_heads + 2 * n_kv_heads, head_dim, *rest)
+  # [H, Dh, ...] -> [K, G, Dh, ...]; keys and values [K, Dh, ...] -> [K, 1, Dh, ...]
+  queries = rows[:n_heads].reshape(n_kv_heads, group, head_dim, *rest)
+  keys = rows[n_heads:n_heads + n_kv_heads, None]
+  values = rows[n_heads + n_kv_heads:, None]
+  # [K, G + 2, Dh, ...] -> [(H + 2K) * Dh, ...]
+  return np.concatenate([queries, keys, values], axis=1).reshape(w.shape)
 
 
 def dequantized(tensor) -> np.ndarray:
@@ -150,9 +261,9 @@ _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def source_dtypes(reader, path: str) -> dict[str, str]:
   """{HF tensor name: its type in the file}: "float32" / "float16" / "bfloat16" for float
   tensors, the GGML type name (e.g. "Q8_0") for block-quantized ones. Metadata only."""
-  arch = architecture(reader)
-  return {hf_tensor_name(t.name, path, arch): _FLOAT_TYPES.get(t.tensor_type.name,
-                                                               t.tensor_type.name)
+  scheme = name_scheme(architecture(reader), [t.name for t in reader.tensors])
+  return {hf_tensor_name(t.name, path, scheme): _FLOAT_TYPES.get(t.tensor_type.name,
+                                                                 t.tensor_type.name)
           for t in reader.tensors}
 
 
@@ -176,15 +287,16 @@ def load_gguf(path: str, reader=None) -> tuple[dict[str, Any], LazyTensors]:
   shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
   config = hf_config_from_metadata(meta, shapes, path)
   arch = meta["general.architecture"]
-  loaders = {hf_tensor_name(t.name, path, arch): functools.partial(_load_tensor, t, path, arch,
-                                                                   config)
+  scheme = name_scheme(arch, shapes)
+  loaders = {hf_tensor_name(t.name, path, scheme): functools.partial(
+      _load_tensor, t, path, arch, hf_tensor_name(t.name, path, scheme), config)
              for t in reader.tensors}
   return config, LazyTensors(loaders)
 
 
-def _load_tensor(tensor, path: str, arch: str, config: dict[str, Any]) -> np.ndarray:
-  """One GGUF tensor dequantized to float32 in HF layout (rope rows and Gemma norms undone)."""
-  name = hf_tensor_name(tensor.name, path, arch)
+def _load_tensor(tensor, path: str, arch: str, name: str, config: dict[str, Any]) -> np.ndarray:
+  """One GGUF tensor dequantized to float32 in HF layout (rope rows, Falcon's qkv rows and
+  Gemma norms undone); `name` is its HF name."""
   try:
     w = dequantized(tensor)
   except NotImplementedError as e:  # gguf has no numpy dequantizer for this type
@@ -194,6 +306,18 @@ def _load_tensor(tensor, path: str, arch: str, config: dict[str, Any]) -> np.nda
     w = unpermute_rope_rows(w, config["num_attention_heads"])
   elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
     w = unpermute_rope_rows(w, config["num_key_value_heads"])
+  elif arch == "falcon" and name.endswith(("query_key_value.weight", "query_key_value.bias")):
+    w = _falcon_qkv(w, tensor.name, path, config)
   elif arch in GEMMA_ARCHS and name.endswith("norm.weight"):
     w = w - np.float32(1.0)  # llama.cpp stores Gemma's 1 + w
   return w
+
+
+def _falcon_qkv(w: np.ndarray, gguf_name: str, path: str, config: dict[str, Any]) -> np.ndarray:
+  """A Falcon attn_qkv tensor in HF's row order, after checking its row count."""
+  heads, kv_heads = config["num_attention_heads"], config["num_kv_heads"]
+  head_dim = config["hidden_size"] // heads
+  if w.shape[0] != (heads + 2 * kv_heads) * head_dim:
+    raise ModelLoadError(f"{path}: tensor {gguf_name} has {w.shape[0]} rows, expected "
+                         f"(heads {heads} + 2 * kv heads {kv_heads}) * head_dim {head_dim}")
+  return falcon_qkv_rows_to_hf(w, heads, kv_heads)

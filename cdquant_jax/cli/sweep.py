@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "(default 1)")
   p.add_argument("--devices", help="comma-separated GPU ids, one worker per device (--jobs "
                  "defaults to their number)")
+  p.add_argument("--isolate", action="store_true", help="each point in a process of its own "
+                 "also with --jobs 1 (a crashing point then fails alone; always so with --jobs > 1)")
   p.add_argument("--out", help="sweep directory (default: the sweep's output_dir)")
   p.add_argument("--cache", help="shared cache directory (default: SWEEP_DIR/cache)")
   p.add_argument("--no-progress", action="store_true", help="no per-point progress bar")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_points(spec, directory, points, done))
     return 0
   outcome = runner.run_sweep(spec, out=args.out, cache=args.cache, jobs=jobs, devices=devices,
+                             isolate=args.isolate,
                              progress=not args.no_progress and jobs == 1, report=print)
   print(f"{len(outcome.done)} done, {len(outcome.failed)} failed, {len(outcome.skipped)} "
         f"skipped (already done); results in {directory}/results.jsonl")

@@ -10,22 +10,26 @@ next run picks the point up again.
 Sequential points run the pipeline with calibration windows and tokenizations from the shared
 cache (`research.cache`); bank points solve every layer of the bank of their model and
 calibration data (`research.bank`, cached by content) and write RUN_DIR/log.jsonl and
-metrics.json. With jobs > 1 the points go to `jobs` spawned processes (`concurrent.futures`),
-each appending its own rows under the store's file lock; a worker process loads each model once,
-and the banks of bank points are built by the parent before the points are handed out. With
-`devices` (accelerator ids, e.g. the GPUs "0,1,2,3"), each worker owns one of them
-(`DEVICE_ENV` is set before the worker's first JAX computation), so points run one per device.
+metrics.json. With jobs > 1 (or `isolate`) every point runs in a spawned process of its own,
+at most `jobs` at once, each appending its own rows under the store's file lock; a point whose
+process dies (a segfault or an out-of-memory kill, which would take an in-process sweep down
+with it) gets a failed row naming the signal and the sweep goes on. The banks of bank points
+are built by the parent before the points are handed out. With `devices` (accelerator ids,
+e.g. the GPUs "0,1,2,3"), each running point owns one of them (`DEVICE_ENV` is set before its
+first JAX computation), so points run one per device.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
+import signal
 import subprocess
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -48,6 +52,7 @@ from cdquant_jax.solvers import api
 from cdquant_jax.solvers import knobs as knobs_lib
 
 ERROR_FILE = "error.txt"
+FAILED_EXIT = 3  # exit code of a point process whose point failed (its row is written)
 SWEEP_FILE = "sweep.json"
 # The variable that limits a worker to its device (NVIDIA GPUs; read at backend start).
 DEVICE_ENV = "CUDA_VISIBLE_DEVICES"
@@ -272,16 +277,26 @@ def run_point(job: Job, *, after_block: Callable[[int], None] | None = None,
   return row
 
 
-def _pin_device(device_ids) -> None:
-  """Worker initializer: takes one device id from the queue and makes it the only visible one."""
-  global _WORKER_DEVICE  # pylint: disable=global-statement  # one value per worker process
-  _WORKER_DEVICE = device_ids.get()
-  os.environ[DEVICE_ENV] = _WORKER_DEVICE
+def _point_process(job: Job, device: str | None) -> None:
+  """Entry point of a point's spawned process: pins `device` (before the first JAX
+  computation), runs the point and exits 0 when it is done, `FAILED_EXIT` when it failed."""
+  global _WORKER_DEVICE  # pylint: disable=global-statement  # one value per process
+  if device is not None:
+    _WORKER_DEVICE = device
+    os.environ[DEVICE_ENV] = device
+  status = run_point(job)["status"]
+  sys.exit(0 if status == "done" else FAILED_EXIT)
 
 
-def _worker(job: Job) -> tuple[str, str]:
-  """Entry point of a spawned worker: (point name, status)."""
-  return job.name, run_point(job)["status"]
+def died_row(job: Job, exitcode: int, device: str | None) -> dict:
+  """The failed row of a point whose process died without writing one (a segfault, an
+  out-of-memory kill: exitcode < 0 is the signal number, negated)."""
+  run = run_lib.run_config_from_dict(job.run)
+  cause = (f"signal {signal.Signals(-exitcode).name}" if exitcode < 0
+           else f"exit code {exitcode}")
+  row = dict(_base_fields(job, run), device=device, status="failed", started_at=None,
+             finished_at=_now(), error=f"WorkerDied: the point's process died ({cause})")
+  return store.complete_row(row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,13 +349,14 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
               jobs: int = 1, progress: bool = False,
               report: Callable[[str], None] = lambda line: None,
               after_block: Callable[[str, int], None] | None = None,
-              devices: tuple[str, ...] | None = None) -> SweepOutcome:
+              devices: tuple[str, ...] | None = None, isolate: bool = False) -> SweepOutcome:
   """Runs the points of `sweep` that have no "done" row yet (see the module docstring).
 
   after_block(point name, block): called after each checkpointed block of a sequential point
   (jobs=1 only; tests interrupt sweeps with it).
-  devices: accelerator ids, one per worker (jobs must equal their number); None shares the
-  devices this process sees.
+  devices: accelerator ids, one per running point (jobs must equal their number); None shares
+  the devices this process sees.
+  isolate: each point in its own process even with jobs=1 (always so with jobs > 1 or devices).
   """
   if jobs < 1:
     raise config_lib.ConfigError(f"jobs must be >= 1, got {jobs}")
@@ -356,13 +372,13 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
          f"in {directory}")
   results: dict[str, str] = {}
   all_jobs = _jobs(sweep, directory, cache, todo)
-  if devices is None and (jobs == 1 or len(all_jobs) <= 1):
+  if devices is None and not isolate and (jobs == 1 or len(all_jobs) <= 1):
     for k, job in enumerate(all_jobs, 1):
       hook = None if after_block is None else (lambda i, name=job.name: after_block(name, i))
       results[job.name] = run_point(job, after_block=hook, progress=progress)["status"]
       report(f"[{k}/{len(all_jobs)}] {job.name}: {results[job.name]}")
   else:
-    results = _run_parallel([_with_bank(job) for job in all_jobs], jobs, report, devices)
+    results = _run_isolated([_with_bank(job) for job in all_jobs], jobs, report, devices)
   return SweepOutcome(directory, skipped, tuple(n for n, s in results.items() if s == "done"),
                       tuple(n for n, s in results.items() if s != "done"))
 
@@ -379,28 +395,42 @@ def _with_bank(job: Job) -> Job:
     return job
 
 
-def _run_parallel(all_jobs: list[Job], jobs: int, report,
-                  devices: tuple[str, ...] | None = None) -> dict[str, str]:
-  """Runs the jobs in `jobs` spawned worker processes (each on one of `devices` when given);
-  {point name: status}."""
-  results = {}
+def _run_isolated(all_jobs: list[Job], jobs: int, report,
+                  devices: tuple[str, ...] | None = None,
+                  target: Callable[[Job, str | None], None] = _point_process
+                  ) -> dict[str, str]:
+  """Runs each job in a spawned process of its own, at most `jobs` at once (each on one of
+  `devices` when given; a device is handed to the next point when its process ends), so a
+  point whose process dies (segfault, out-of-memory kill) gets a failed row naming the signal
+  and the others go on, and no process accumulates the compiled programs of many points;
+  {point name: status}. `target(job, device)` runs in the child (tests swap it)."""
   context = multiprocessing.get_context("spawn")
-  pinning = {}
-  if devices is not None:
-    device_ids = context.Manager().Queue()
-    for device in devices:
-      device_ids.put(device)
-    pinning = dict(initializer=_pin_device, initargs=(device_ids,))
-  with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                              **pinning) as pool:
-    futures = [pool.submit(_worker, job) for job in all_jobs]
-    try:
-      for k, future in enumerate(concurrent.futures.as_completed(futures), 1):
-        name, status = future.result()
-        results[name] = status
-        report(f"[{k}/{len(all_jobs)}] {name}: {status}")
-    except BaseException:
-      for future in futures:
-        future.cancel()
-      raise
+  free: list[str | None] = list(devices) if devices is not None else [None] * jobs
+  pending, running, results = list(all_jobs), {}, {}
+  try:
+    while pending or running:
+      while pending and free:
+        job, device = pending.pop(0), free.pop(0)
+        process = context.Process(target=target, args=(job, device), name=job.name)
+        process.start()
+        running[process.sentinel] = (process, job, device)
+      for sentinel in multiprocessing.connection.wait(list(running)):
+        process, job, device = running.pop(sentinel)
+        process.join()
+        results[job.name] = _exit_status(job, process.exitcode, device)
+        free.append(device)
+        report(f"[{len(results)}/{len(all_jobs)}] {job.name}: {results[job.name]}")
+  except BaseException:
+    for process, _, _ in running.values():
+      process.terminate()
+    raise
   return results
+
+
+def _exit_status(job: Job, exitcode: int, device: str | None) -> str:
+  """"done" or "failed" from a point process's exit code; a died process gets its row here."""
+  if exitcode == 0:
+    return "done"
+  if exitcode != FAILED_EXIT:
+    store.append_row(job.results, died_row(job, exitcode, device))
+  return "failed"

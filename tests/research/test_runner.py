@@ -4,6 +4,7 @@ the interrupted one resumed from its checkpoint), a failing point is recorded an
 on, --jobs 2 gives the rows of --jobs 1, and points share the cached token ids."""
 
 import os
+import signal
 
 import pytest
 
@@ -132,6 +133,33 @@ def test_two_jobs_give_the_rows_of_one(fixture, reference, tmp_path):
   assert sorted(outcome.done) == sorted(r["name"] for r in expected)
   rows = store.read_rows(store.results_file(str(tmp_path)))
   assert _measured(rows) == _measured(expected)
+
+
+def _segfault_gptq(job: runner.Job, device) -> None:
+  """A point process that dies of SIGSEGV for the GPTQ point and runs the others."""
+  if job.name == "method=gptq":
+    os.kill(os.getpid(), signal.SIGSEGV)
+  runner._point_process(job, device)  # pylint: disable=protected-access
+
+
+def test_a_point_whose_process_dies_fails_alone(fixture, reference, tmp_path):
+  """Each point has its own process: one dying of a signal gets a failed row naming it, the
+  others finish with the reference rows, and the next run retries only the dead point."""
+  _, expected = reference
+  spec = _spec(fixture)
+  directory, points, _ = runner.plan(spec, str(tmp_path))
+  jobs = runner._jobs(spec, directory, None, points)  # pylint: disable=protected-access
+  statuses = runner._run_isolated(jobs, 2, lambda line: None,  # pylint: disable=protected-access
+                                  target=_segfault_gptq)
+  assert statuses == {"method=rtn": "done", "method=gptq": "failed", "method=cd": "done"}
+  rows = {r["name"]: r for r in store.read_rows(store.results_file(directory))}
+  assert rows["method=gptq"]["error"] == "WorkerDied: the point's process died (signal SIGSEGV)"
+  assert rows["method=gptq"]["perplexity"] is None
+  done = [r for r in rows.values() if r["status"] == "done"]
+  assert _measured(done) == {k: v for k, v in _measured(expected).items()
+                             if k != rows["method=gptq"]["point"]}
+  retry = runner.run_sweep(spec, out=str(tmp_path))
+  assert retry.done == ("method=gptq",) and set(retry.skipped) == {"method=rtn", "method=cd"}
 
 
 def test_one_worker_per_device(fixture, reference, tmp_path):

@@ -69,22 +69,15 @@ def _by_param_name(model, by_hf_name: dict[str, str]) -> dict[str, str]:
   return out
 
 
-def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True, *,
-               source_dtypes: dict[str, str] | None = None):
-  """Loads a checkpoint into (model, params, tokenizer or None).
+def open_checkpoint(path_or_hub_id: str, with_tokenizer: bool = True, *,
+                    source_dtypes: dict[str, str] | None = None):
+  """(model, tensors, source, tokenizer or None) of a checkpoint, no tensor read yet.
 
-  Args:
-    path_or_hub_id: a local HF directory (config.json + safetensors), a .gguf file, or a hub id
-      (downloaded with huggingface_hub; needs network).
-    dtype: parameter dtype, float32 / bfloat16 / float16 (or their names).
-    with_tokenizer: also build a `tokenizers.Tokenizer` (None when the checkpoint has none).
-    source_dtypes: a dict to fill with {dotted parameter name ("layers.0.mlp.up_proj.weight"):
-      the checkpoint's type of that tensor} ("float32" / "float16" / "bfloat16", or a GGUF
-      block type such as "Q8_0"), for `export.write_model_dir` to store unquantized tensors
-      no wider than they came.
+  tensors: the checkpoint's `hf_loader.LazyTensors` ({HF tensor name: array}, each read from
+  the file, and a GGUF one dequantized to float32, when accessed); source: the directory or
+  .gguf file (for error messages). Arguments as for `load_model`.
   """
   from cdquant_jax.models import gguf_loader, tokenizer  # pylint: disable=import-outside-toplevel
-  dtype = as_dtype(dtype)
   reader = None
   if str(path_or_hub_id).endswith(".gguf"):
     source = config_file = str(path_or_hub_id)
@@ -100,8 +93,28 @@ def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = Tr
     types = (gguf_loader.source_dtypes(reader, source) if reader is not None
              else dict(state.dtypes))
     source_dtypes.update(_by_param_name(model, types))
-  params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   tok = None
   if with_tokenizer and tokenizer.has_tokenizer(source, reader):
     tok = tokenizer.load_tokenizer(source, reader)
+  return model, state, source, tok
+
+
+def load_model(path_or_hub_id: str, dtype=jnp.float32, with_tokenizer: bool = True, *,
+               source_dtypes: dict[str, str] | None = None):
+  """Loads a checkpoint into (model, params, tokenizer or None).
+
+  Args:
+    path_or_hub_id: a local HF directory (config.json + safetensors), a .gguf file, or a hub id
+      (downloaded with huggingface_hub; needs network).
+    dtype: parameter dtype, float32 / bfloat16 / float16 (or their names).
+    with_tokenizer: also build a `tokenizers.Tokenizer` (None when the checkpoint has none).
+    source_dtypes: a dict to fill with {dotted parameter name ("layers.0.mlp.up_proj.weight"):
+      the checkpoint's type of that tensor} ("float32" / "float16" / "bfloat16", or a GGUF
+      block type such as "Q8_0"), for `export.write_model_dir` to store unquantized tensors
+      no wider than they came.
+  """
+  dtype = as_dtype(dtype)
+  model, state, source, tok = open_checkpoint(path_or_hub_id, with_tokenizer,
+                                              source_dtypes=source_dtypes)
+  params = hf_loader.params_from_state_dict(model, state, dtype, source=source)
   return model, params, tok

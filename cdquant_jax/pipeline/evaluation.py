@@ -7,7 +7,7 @@ import numpy as np
 
 from cdquant_jax import data
 from cdquant_jax.eval.perplexity import perplexity_from_nll
-from cdquant_jax.pipeline import capture
+from cdquant_jax.pipeline import capture, weights
 from cdquant_jax.pipeline.config import EvalSettings, check_token_hash
 
 
@@ -21,12 +21,15 @@ def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
                      progress: bool = False) -> dict:
   """GPTQ-protocol perplexity with the pipeline's block-by-block jitted forward.
 
-  params: dense params (see `export.dense_params`). On an accelerator they are moved to the
-  device once; on the CPU backend a device copy would be a second full copy of the model in
-  the same memory, so they stay where they are and each block is moved for its call.
+  params: dense params (see `export.dense_params`), or lazy ones (`weights.LazyLayers`: each
+  block read from the checkpoint for every batch). On an accelerator resident params are moved
+  to the device once (lazy ones: the outer params); on the CPU backend a device copy would be
+  a second full copy of the model in the same memory, so they stay where they are and each
+  block is moved for its call.
   """
   if jax.default_backend() != "cpu":
-    params = jax.device_put(params)
+    params = ({**jax.device_put(weights.outer(params)), "layers": params["layers"]}
+              if weights.is_lazy(params) else jax.device_put(params))
   result = perplexity_from_nll(capture.block_nll_fn(model, params), ids, seqlen=seqlen,
                                batch_size=batch_size, progress=progress)
   return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}

@@ -7,7 +7,8 @@ For each decoder block i, on the outputs of the already-quantized blocks 0..i-1:
     (QuantizedWeight) and write the dequantized weight back, so that later groups and blocks
     see the quantized model;
   run the quantized block to produce the inputs of block i + 1, then checkpoint.
-Only one block's params (and the activations [N, T, D]) are on the device at a time.
+Only one block's params (and the activations [N, T, D]) are on the device at a time; with
+`weights: disk` the unquantized blocks are not in host memory either (`pipeline.weights`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.params import get_path, set_path
-from cdquant_jax.pipeline import capture, checkpoint, evaluation, export, memory, runlog, tune
+from cdquant_jax.pipeline import (capture, checkpoint, evaluation, export, memory, runlog, tune,
+                                  weights)
 from cdquant_jax.pipeline.config import RunConfig, check_token_hash
 from cdquant_jax.pipeline.rules import is_included, module_name, solver_for
 from cdquant_jax.quant import bits as bits_lib
@@ -134,12 +136,14 @@ def quantize_model(run: RunConfig, *, resume: bool = False, progress: bool = Tru
   """Loads the model and calibration data of `run`, quantizes, exports; returns the metrics.
 
   The loaded params are handed over to `quantize_loaded` (no reference is kept here), so the
-  quantized blocks replace the loaded ones instead of adding a second copy of the model.
+  quantized blocks replace the loaded ones instead of adding a second copy of the model. With
+  run.weights "disk" only the outer params are loaded (`weights.load_model`).
   """
   source_dtypes: dict[str, str] = {}
+  load = weights.load_model if run.weights == "disk" else registry.load_model
   with memory.tracking():
-    model, params, tokenizer = registry.load_model(resolve_model_path(run.model.path),
-                                                   run.model.dtype, source_dtypes=source_dtypes)
+    model, params, tokenizer = load(resolve_model_path(run.model.path), run.model.dtype,
+                                    source_dtypes=source_dtypes)
     memory.release_freed()
     memory.mark("load_seconds")
     c = run.calibration
@@ -171,17 +175,20 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   Raises checkpoint.ResumeError when resuming a run of another model/data/config.
   Memory: the blocks of `params` are replaced as they are quantized; a caller that keeps its
   own reference to `params` keeps the unquantized copy alive too (`quantize_model` does not).
+  run.weights "disk" needs lazy params (`weights.load_model`; ConfigError for loaded ones);
+  the returned QuantizedRun.params are then lazy too (params["layers"][i] reads block i).
   """
   run.validate()
+  params = weights.check_storage(run, params)
   os.makedirs(run.output_dir, exist_ok=True)
   obs = RunObserver(progress)
   compiles = compilation.CompileStats()
-  params = host_params(params)  # blocks move to the device one at a time
+  params = _host_params(params)  # blocks move to the device one at a time
   calibration_ids = np.asarray(calibration_ids, np.int32)
   check_token_hash("calibration", data.token_hash(calibration_ids),
                    run.expected_hash("calibration"))
   check_solve_devices(run)
-  fp = checkpoint.fingerprint(run, model, params, calibration_ids) \
+  fp = _fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
   if baseline is None:
@@ -208,6 +215,22 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
                     calibration_hash=data.token_hash(calibration_ids))
   checkpoint.clear(run.output_dir)
   return QuantizedRun(metrics, state.params, state.qweights, state.records, compiles.report())
+
+
+def _fingerprint(run, model, params, calibration_ids) -> dict[str, Any]:
+  """`checkpoint.fingerprint` with the model hashed one block at a time for lazy params and
+  run.weights left out (it does not change the result: a run may resume with the other)."""
+  config = {k: v for k, v in checkpoint.quant_config_dict(run).items() if k != "weights"}
+  return dict(model=weights.model_hash(model, params), data=data.token_hash(calibration_ids),
+              config=config)
+
+
+def _host_params(params: Params) -> Params:
+  """`host_params` of resident params; of lazy ones the outer params (blocks are read when
+  needed)."""
+  if weights.is_lazy(params):
+    return {**host_params(weights.outer(params)), "layers": params["layers"]}
+  return host_params(params)
 
 
 def _resume_or_start(run, model, params, fp, resume: bool, timer: Timer) -> RunState:
@@ -255,7 +278,8 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
   acts = capture.block_outputs(model, layer_params, acts, i, kept)
   buffers["activations_out"] = acts.resident_nbytes()
   obs.phase("propagate_seconds")
-  state.params = model.set_layer_params(state.params, i, host_params(layer_params))
+  state.params = weights.set_block(model, state.params, i, host_params(layer_params),
+                                   _by_path(model, i, block_qw))
   state.qweights.update(block_qw)
   report = memory.block_report(buffers, obs.timer.memory.window_peak())
   state.records = state.records + [{**r, "block_memory": report} for r in block_records]
@@ -283,6 +307,12 @@ def _input_width(layer_params: Params, path: Path) -> int:
   return get_path(layer_params, path)["weight"].shape[-1]
 
 
+def _by_path(model, i: int, qweights: dict) -> dict[Path, qweight.QuantizedWeight]:
+  """{linear path in block i: packed weight} of the modules of block i in `qweights`."""
+  return {p: qweights[module_name(i, p)] for p in model.linear_paths()
+          if module_name(i, p) in qweights}
+
+
 def _tune(run, model, layer_params: Params, block_qw: dict, block_records: list[dict],
           acts: capture.Activations, targets: capture.Activations, i: int, obs: RunObserver):
   """`tune.tune_block` on solved block i: (params, packed weights, records, each carrying the
@@ -299,7 +329,11 @@ def _with_tuned_params(model, params: Params, out_dir: str, blocks_done: int) ->
   """params with the tuned unquantized params of the checkpointed blocks put back."""
   for i in range(blocks_done):
     saved = checkpoint.load_block_params(out_dir, i)
-    if saved:
+    if saved and weights.is_lazy(params):
+      dtype = params["layers"].reader.dtype  # each leaf's dtype, as `tune.with_tensors` casts
+      params = weights.with_stored(params, i, {}, {
+          tuple(name.split(".")): np.asarray(value, dtype) for name, value in saved.items()})
+    elif saved:
       params = model.set_layer_params(params, i, tune.with_tensors(model.layer_params(params, i),
                                                                    saved))
   return params
@@ -396,7 +430,12 @@ def activation_storage(run: RunConfig) -> capture.Storage:
 
 
 def _with_quantized(model, params: Params, qweights: dict) -> Params:
-  """params with each checkpointed linear's weight replaced by its dequantized value."""
+  """params with each checkpointed linear's weight replaced by its dequantized value (lazy
+  params keep the packed weights: dequantized when the block is read)."""
+  if weights.is_lazy(params):
+    for i in range(model.num_layers):
+      params = weights.with_stored(params, i, _by_path(model, i, qweights), {})
+    return params
   for i in range(model.num_layers):
     layer = model.layer_params(params, i)
     for path in model.linear_paths():
@@ -621,7 +660,8 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
     memory.mark("eval_seconds")
   metrics["token_hashes"] = token_hashes(calibration_hash, metrics)
   start = time.perf_counter()
-  export.write_model_dir(run.output_dir, model, params, qweights, tokenizer=tokenizer,
+  export.write_model_dir(run.output_dir, model, weights.for_export(params), qweights,
+                         tokenizer=tokenizer,
                          run_config=run, extra=dict(run_config=config_lib.to_dict(run),
                                                     token_hashes=metrics["token_hashes"]),
                          source_dtypes=source_dtypes, token_hashes=metrics["token_hashes"])

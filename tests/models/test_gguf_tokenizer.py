@@ -6,7 +6,8 @@ types; bos / eos / unk ids), loaded by `registry.load_model` and compared on a s
 - sentencepiece itself (the model the vocabulary came from): same ids, same decoded text;
 - transformers' GGUF tokenizer conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`):
   same ids, except on text that starts with a space, where transformers' Metaspace pre-tokenizer
-  skips the space prefix that SentencePiece and llama.cpp add (" hi" -> "▁hi", not "▁▁hi").
+  skips the space prefix that SentencePiece and llama.cpp add (" hi" -> "▁hi", not "▁▁hi");
+  for a Gemma 2 file (add_space_prefix false, transformers' GemmaTokenizer) on every string.
 
 Text around a special token follows llama.cpp: each piece of text after a special token gets the
 space prefix again, so the reference there is sentencepiece on each piece.
@@ -72,14 +73,20 @@ def llama_cpp_vocab(sp):
   return tokens, scores, types
 
 
-def write_gguf(sp, path, *, scores=None, model="llama", **flags) -> None:
-  """A tiny random llama GGUF (tensors only so that the file loads) with sp's vocabulary;
+# GGUF architecture -> (transformers config class, model class, gguf arch)
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA),
+         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", gguf.MODEL_ARCH.GEMMA2)}
+
+
+def write_gguf(sp, path, *, scores=None, model="llama", arch="llama", **flags) -> None:
+  """A tiny random `arch` GGUF (tensors only so that the file loads) with sp's vocabulary;
   flags: tokenizer.ggml.{add_bos_token, add_eos_token, add_space_prefix} to write."""
+  config_class, model_class, gguf_arch = ARCHS[arch]
   torch_model = ref.build_torch_model(
-      "LlamaConfig", "LlamaForCausalLM", vocab_size=sp.get_piece_size(), hidden_size=32,
+      config_class, model_class, vocab_size=sp.get_piece_size(), hidden_size=32,
       intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-      max_position_embeddings=64, tie_word_embeddings=True)
-  w = ref.gguf_writer(torch_model, "llama", path)
+      head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+  w = ref.gguf_writer(torch_model, arch, path)
   tokens, sp_scores, types = llama_cpp_vocab(sp)
   w.add_tokenizer_model(model)
   w.add_tokenizer_pre("default")
@@ -91,7 +98,7 @@ def write_gguf(sp, path, *, scores=None, model="llama", **flags) -> None:
   w.add_eos_token_id(sp.eos_id())
   for key, value in flags.items():
     getattr(w, f"add_{key}")(value)
-  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+  names = gguf.get_tensor_name_map(gguf_arch, 1)
   for name, tensor in torch_model.state_dict().items():
     if name == "lm_head.weight":
       continue
@@ -163,6 +170,21 @@ def test_no_space_prefix_and_bos_eos_flags_follow_the_metadata(tmp_path):
     want = sp.encode(text)
     assert tok.encode(text).ids == want + [sp.eos_id()], text
     assert tok.decode(want) == sp.decode(want) == text, text
+
+
+def test_gemma_file_without_space_prefix_matches_transformers_gguf_tokenizer(tmp_path):
+  """Gemma GGUFs carry a `llama` vocabulary with add_space_prefix false (transformers builds
+  its GemmaTokenizer from them: no prefix, scores ranked by position)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  sp = train_sentencepiece(add_dummy_prefix=False)
+  path = tmp_path / "tiny.gguf"
+  write_gguf(sp, path, arch="gemma2", add_space_prefix=False)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+  tok = _ours(path)
+  for text in TEXTS:
+    ids = hf.encode(text)
+    assert tok.encode(text).ids == ids == [sp.bos_id()] + sp.encode(text), text
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text, text
 
 
 def test_unsupported_tokenizer_model_and_bad_scores_are_load_errors(sp, tmp_path):

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "(default 1)")
   p.add_argument("--devices", help="comma-separated GPU ids, one worker per device (--jobs "
                  "defaults to their number)")
+  p.add_argument("--only", action="append", metavar="GLOB", help="run only the points whose "
+                 "name matches (shell pattern, e.g. 'spqr_cd-*'; repeatable)")
   p.add_argument("--isolate", action="store_true", help="each point in a process of its own "
                  "also with --jobs 1 (a crashing point then fails alone; always so with --jobs > 1)")
   p.add_argument("--out", help="sweep directory (default: the sweep's output_dir)")
@@ -41,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     spec = sweep.load_sweep(args.config)
     directory, points, done = runner.plan(spec, args.out)
   if args.dry_run:
-    print(format_points(spec, directory, points, done))
+    print(format_points(spec, directory, runner.selected(points, _only(args.only)), done))
     return 0
   outcome = runner.run_sweep(spec, out=args.out, cache=args.cache, jobs=jobs, devices=devices,
-                             isolate=args.isolate,
+                             isolate=args.isolate, only=_only(args.only),
                              progress=not args.no_progress and jobs == 1, report=print)
   print(f"{len(outcome.done)} done, {len(outcome.failed)} failed, {len(outcome.skipped)} "
         f"skipped (already done); results in {directory}/results.jsonl")
@@ -59,6 +61,10 @@ def _devices(text: str | None) -> tuple[str, ...] | None:
   errors.require(all(i.isdigit() for i in ids) and len(set(ids)) == len(ids),
                  f"--devices must be distinct GPU ids like 0,1, got {text!r}")
   return ids
+
+
+def _only(patterns: list[str] | None) -> tuple[str, ...] | None:
+  return None if patterns is None else tuple(patterns)
 
 
 def format_points(spec, directory: str, points, done: set[str]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -349,7 +350,8 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
               jobs: int = 1, progress: bool = False,
               report: Callable[[str], None] = lambda line: None,
               after_block: Callable[[str, int], None] | None = None,
-              devices: tuple[str, ...] | None = None, isolate: bool = False) -> SweepOutcome:
+              devices: tuple[str, ...] | None = None, isolate: bool = False,
+              only: tuple[str, ...] | None = None) -> SweepOutcome:
   """Runs the points of `sweep` that have no "done" row yet (see the module docstring).
 
   after_block(point name, block): called after each checkpointed block of a sequential point
@@ -357,6 +359,8 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
   devices: accelerator ids, one per running point (jobs must equal their number); None shares
   the devices this process sees.
   isolate: each point in its own process even with jobs=1 (always so with jobs > 1 or devices).
+  only: shell-style patterns of point names (e.g. "spqr_cd-*"): only the matching points run;
+    ConfigError when a pattern matches no point (a typo would silently run nothing).
   """
   if jobs < 1:
     raise config_lib.ConfigError(f"jobs must be >= 1, got {jobs}")
@@ -366,7 +370,7 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
   directory, points, done = plan(sweep, out)
   os.makedirs(directory, exist_ok=True)
   _write_sweep_file(sweep, directory, points)
-  todo = [p for p in points if p.hash not in done]
+  todo = [p for p in selected(points, only) if p.hash not in done]
   skipped = tuple(p.name for p in points if p.hash in done)
   report(f"sweep {sweep.name}: {len(points)} points, {len(skipped)} done, {len(todo)} to run "
          f"in {directory}")
@@ -381,6 +385,18 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
     results = _run_isolated([_with_bank(job) for job in all_jobs], jobs, report, devices)
   return SweepOutcome(directory, skipped, tuple(n for n, s in results.items() if s == "done"),
                       tuple(n for n, s in results.items() if s != "done"))
+
+
+def selected(points: list[sweep_lib.Point], only: tuple[str, ...] | None
+             ) -> list[sweep_lib.Point]:
+  """The points whose name matches one of the `only` patterns (fnmatch), all when None."""
+  if only is None:
+    return points
+  for pattern in only:
+    if not any(fnmatch.fnmatchcase(p.name, pattern) for p in points):
+      raise config_lib.ConfigError(f"--only {pattern!r} matches no point of the sweep (points: "
+                                   f"{', '.join(p.name for p in points[:4])}, ...)")
+  return [p for p in points if any(fnmatch.fnmatchcase(p.name, pat) for pat in only)]
 
 
 def _with_bank(job: Job) -> Job:

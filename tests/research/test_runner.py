@@ -135,6 +135,17 @@ def test_two_jobs_give_the_rows_of_one(fixture, reference, tmp_path):
   assert _measured(rows) == _measured(expected)
 
 
+def test_only_runs_the_matching_points(fixture, reference, tmp_path):
+  _, expected = reference
+  outcome = runner.run_sweep(_spec(fixture), out=str(tmp_path), only=("*=rtn",))
+  assert outcome.done == ("method=rtn",) and not outcome.skipped
+  rows = store.read_rows(store.results_file(outcome.directory))
+  assert _measured(rows) == {k: v for k, v in _measured(expected).items()
+                             if v["method"] == "rtn"}
+  with pytest.raises(config_lib.ConfigError, match="'method=gtpq' matches no point"):
+    runner.run_sweep(_spec(fixture), out=str(tmp_path), only=("method=gtpq",))
+
+
 def _segfault_gptq(job: runner.Job, device) -> None:
   """A point process that dies of SIGSEGV for the GPTQ point and runs the others."""
   if job.name == "method=gptq":

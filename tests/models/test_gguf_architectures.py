@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from cdquant_jax.models import registry
+from cdquant_jax.models.errors import ModelLoadError
 from tests.models import hf_reference as ref
 
 pytestmark = pytest.mark.hf
@@ -118,7 +119,11 @@ def write_gemma3_gguf(torch_model, path) -> None:
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_key_length(c.head_dim)
   w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])  # global layers
+  full_rope = c.rope_parameters["full_attention"]
+  w.add_rope_freq_base(full_rope["rope_theta"])  # global layers
+  if full_rope.get("rope_type", "default") == "linear":  # Gemma 3 4B+: global layers only
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(full_rope["factor"])
   w.add_sliding_window(c.sliding_window)
   w.add_head_count_kv(c.num_key_value_heads)
   w.add_vocab_size(c.vocab_size)
@@ -155,6 +160,34 @@ def test_gemma3_gguf_matches_transformers_gguf_loader(tmp_path):
   np.testing.assert_allclose(got, ref.torch_logits(source, ids), atol=1e-4, rtol=0)
 
 
+def test_gemma3_gguf_linear_rope_scaling_matches_the_source_model(tmp_path):
+  """Gemma 3 4B+ scale the global layers' rope linearly; transformers' GGUF loader drops the
+  scaling keys, so the source model is the reference."""
+  ropes = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 50000.0},
+           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+  source = ref.build_torch_model("Gemma3TextConfig", "Gemma3ForCausalLM",
+                                 **dict(GEMMA3, rope_parameters=ropes))
+  write_gemma3_gguf(source, tmp_path / "tiny.gguf")
+  ids = ref.random_ids(GEMMA3["vocab_size"], length=12)
+  model, got = _our_logits(tmp_path / "tiny.gguf", ids)
+  c = model.config
+  assert (c.rope.kind, c.rope.factor, c.rope_local.kind) == ("linear", 8.0, "default")
+  np.testing.assert_allclose(got, ref.torch_logits(source, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch,blocks,scalar", [("gemma3", 62, 64 // 2), ("gemma3", 26, 256),
+                                                ("gemma2", 46, 64 // 2), ("gemma2", 42, 256)])
+def test_gemma_27b_query_scale_follows_llama_cpp(arch, blocks, scalar):
+  """llama.cpp: the 27B models (Gemma 2: 46 blocks, Gemma 3: 62) scale queries by
+  1/sqrt(hidden / heads), the others by 1/sqrt(head_dim); GGUF metadata has neither."""
+  from cdquant_jax.models import gguf_loader  # pylint: disable=import-outside-toplevel
+  meta = {"general.architecture": arch, f"{arch}.embedding_length": 64,
+          f"{arch}.block_count": blocks, f"{arch}.attention.head_count": 2,
+          f"{arch}.attention.key_length": 256, f"{arch}.feed_forward_length": 96}
+  hf = gguf_loader.hf_config_from_metadata(meta, {"token_embd.weight": (89, 64)}, "x.gguf")
+  assert hf["query_pre_attn_scalar"] == scalar
+
+
 FALCON = dict(vocab_size=89, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64, alibi=False, parallel_attn=True, bias=False)
 # name -> (FalconConfig fields, kv heads as llama.cpp's converter reads them)
@@ -177,13 +210,13 @@ def _llama_cpp_falcon_qkv(w, n_head: int, n_head_kv: int):
   return torch.cat((q, k, v)).reshape_as(w)
 
 
-def write_falcon_gguf(torch_model, n_head_kv: int, path) -> None:
+def write_falcon_gguf(torch_model, n_head_kv: int, path, layout: str = "jploski") -> None:
   """torch_model as llama.cpp's FalconModel converter writes it (F32 tensors), with a
   placeholder vocabulary (transformers' GGUF loader takes vocab_size from its length)."""
   c = torch_model.config
   w = gguf.GGUFWriter(str(path), "falcon")
   w.add_context_length(2048)
-  w.add_tensor_data_layout("jploski")
+  w.add_tensor_data_layout(layout)
   w.add_embedding_length(c.hidden_size)
   w.add_feed_forward_length(4 * c.hidden_size)
   w.add_block_count(c.num_hidden_layers)
@@ -239,3 +272,12 @@ def test_falcon_new_architecture_gguf_matches_the_source_model(tmp_path, layout)
   want = ref.torch_logits(source, ids)
   assert np.max(np.abs(want)) > 1.0
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_falcon_gguf_with_another_qkv_layout_is_a_load_error(tmp_path):
+  fields, n_kv = FALCON_LAYOUTS["7b_multi_query"]
+  source = ref.build_torch_model("FalconConfig", "FalconForCausalLM", **FALCON, **fields)
+  write_falcon_gguf(source, n_kv, tmp_path / "tiny.gguf", layout="interleaved")
+  with pytest.raises(ModelLoadError, match=r"tiny\.gguf: falcon\.tensor_data_layout="
+                                           r"'interleaved' is not supported"):
+    registry.load_model(str(tmp_path / "tiny.gguf"), with_tokenizer=False)

@@ -14,8 +14,8 @@ k, one v per group) to [H queries | K keys | K values] (the "jploski" layout;
 `falcon_qkv_rows_to_hf` restores HF's). Gemma 2 / 3 metadata has no query_pre_attn_scalar: like
 llama.cpp, the query scale is 1/sqrt(head_dim), except for the 27B models (Gemma 2: 46 blocks,
 Gemma 3: 62 blocks), 1/sqrt(hidden / heads). Gemma 2's missing soft-caps take llama.cpp's
-defaults (50, 30); Gemma 3's sliding-window pattern (5 local layers, then 1 global) and local rope
-base (10000) are fixed in llama.cpp, not in the file. Falcon's layout comes from the tensors:
+defaults (50, 30); Gemma 3's local rope base (10000) is fixed in llama.cpp, not in the file, and so
+is its sliding-window pattern (5 local layers, then 1 global) unless the file states one. Falcon's layout comes from the tensors:
 attn_norm_2 (two norms a block, attn_norm_2 before attention, attn_norm before the MLP) means
 the new decoder architecture, one kv head the 7B multi-query one.
 """
@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cdquant_jax.models.config import FULL, SLIDING
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.hf_loader import LazyTensors
 
@@ -174,9 +175,17 @@ def _llama_like_config(get: Callable[..., Any], arch: str) -> dict[str, Any]:
   if arch == "gemma2":
     hf.update({k: get(k, default) for k, default in _GEMMA2_SOFTCAPS.items()})
   if arch == "gemma3":
-    hf.update(sliding_window_pattern=_GEMMA3_SLIDING_PATTERN,
+    hf.update(_gemma3_layer_pattern(get("attention.sliding_window_pattern")),
               rope_local_base_freq=_GEMMA3_LOCAL_ROPE_THETA)
   return hf
+
+
+def _gemma3_layer_pattern(pattern: int | list[bool] | None) -> dict[str, Any]:
+  """Gemma 3's sliding / full layers: llama.cpp's fixed pattern (every 6th layer full) unless
+  the file states one, as a period (int) or one is-sliding flag per layer."""
+  if isinstance(pattern, list):
+    return {"layer_types": [SLIDING if sliding else FULL for sliding in pattern]}
+  return {"sliding_window_pattern": _GEMMA3_SLIDING_PATTERN if pattern is None else pattern}
 
 
 def _falcon_config(get: Callable[..., Any], tensor_shapes: dict[str, tuple[int, ...]],
@@ -187,7 +196,7 @@ def _falcon_config(get: Callable[..., Any], tensor_shapes: dict[str, tuple[int, 
     raise ModelLoadError(f"{path}: falcon.tensor_data_layout={layout!r} is not supported "
                          f"(supported: {FALCON_QKV_LAYOUT!r})")
   heads = get("attention.head_count")
-  kv_heads = get("attention.head_count_kv", 1)
+  kv_heads = get("attention.head_count_kv", heads)  # llama.cpp's default when absent
   two_norms = any(name.endswith(".attn_norm_2.weight") for name in tensor_shapes)
   if two_norms or 1 < kv_heads < heads:  # Falcon 40B / 180B (two norms), Falcon 11B (one)
     layout_fields = {"new_decoder_architecture": True,

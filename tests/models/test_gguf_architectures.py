@@ -107,8 +107,9 @@ def _close(writer) -> None:
   writer.close()
 
 
-def write_gemma3_gguf(torch_model, path) -> None:
-  """torch_model as llama.cpp's Gemma3Model converter writes it (F32 tensors, norms 1 + w)."""
+def write_gemma3_gguf(torch_model, path, layer_pattern: bool = False) -> None:
+  """torch_model as llama.cpp's Gemma3Model converter writes it (F32 tensors, norms 1 + w);
+  layer_pattern: also write attention.sliding_window_pattern, one is-sliding flag a layer."""
   c = torch_model.config
   w = gguf.GGUFWriter(str(path), "gemma3")
   w.add_context_length(c.max_position_embeddings)
@@ -125,6 +126,8 @@ def write_gemma3_gguf(torch_model, path) -> None:
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(full_rope["factor"])
   w.add_sliding_window(c.sliding_window)
+  if layer_pattern:
+    w.add_sliding_window_pattern([kind == "sliding_attention" for kind in c.layer_types])
   w.add_head_count_kv(c.num_key_value_heads)
   w.add_vocab_size(c.vocab_size)
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, c.num_hidden_layers)
@@ -172,6 +175,17 @@ def test_gemma3_gguf_linear_rope_scaling_matches_the_source_model(tmp_path):
   model, got = _our_logits(tmp_path / "tiny.gguf", ids)
   c = model.config
   assert (c.rope.kind, c.rope.factor, c.rope_local.kind) == ("linear", 8.0, "default")
+  np.testing.assert_allclose(got, ref.torch_logits(source, ids), atol=1e-4, rtol=0)
+
+
+def test_gemma3_gguf_layer_pattern_from_the_file_matches_the_source_model(tmp_path):
+  layer_types = ["sliding_attention", "full_attention"] * 3
+  source = ref.build_torch_model("Gemma3TextConfig", "Gemma3ForCausalLM",
+                                 **dict(GEMMA3, layer_types=layer_types))
+  write_gemma3_gguf(source, tmp_path / "tiny.gguf", layer_pattern=True)
+  ids = ref.random_ids(GEMMA3["vocab_size"], length=12)
+  model, got = _our_logits(tmp_path / "tiny.gguf", ids)
+  assert model.config.layer_types == tuple(layer_types)
   np.testing.assert_allclose(got, ref.torch_logits(source, ids), atol=1e-4, rtol=0)
 
 

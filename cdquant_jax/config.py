@@ -51,6 +51,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         return coerce(value, option, where)
       except ConfigError as e:
         errors.append(str(e))
+    if len(errors) == 1:  # X | None: the one option's own, more precise error
+      raise ConfigError(errors[0])
     raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
   if origin is Literal:
     allowed = typing.get_args(annotation)

@@ -8,6 +8,12 @@ Capturing only the inputs of one true-sequential group lets XLA drop the rest of
 jitted program (`_capture_step`: no [B, T, d_in] inputs leave it unless kept, no host sync per
 batch).
 
+On a mesh (`RunConfig.mesh`, `distributed.placement`), every batch is a global array split
+over "data" on its batch axis and padded to a multiple of the data size; the block params are
+replicated for each program, XLA partitions the jitted forwards over the batch and adds the
+per-device partial sums X_dᵀ X_d of each Hessian with an all-reduce, and padded rows are masked
+out of the sums (`_accumulate`). H equals the one-device H up to f32 summation order.
+
 Kept inputs (`LinearInputs`): the inputs a group captured stay valid for the rest of the block
 (later groups only change linears downstream of them), so later captures and the propagation
 take them as `given` inputs and XLA drops the work that produced them (attention for the MLP
@@ -28,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdquant_jax._numerics import hdot
+from cdquant_jax.distributed import placement
 from cdquant_jax.models.base import CausalLM, default_positions
 from cdquant_jax.models.params import get_path
 from cdquant_jax.solvers import hessian
@@ -42,17 +50,36 @@ def kind_index(model: CausalLM, layer_index: int) -> int:
   return types.index(types[layer_index])
 
 
+def _accumulate(state: hessian.HessianState, x: jax.Array, mask: jax.Array | None
+                ) -> tuple[hessian.HessianState, jax.Array]:
+  """`hessian.accumulate_batch` of x [B, T, d_in], counting only the rows where mask [B] is 1
+  (None: every row). Masked rows are set to exact zeros, so they add 0 to Σ x xᵀ, and the
+  running mean's n grows by the number of real rows, as for the unpadded batch."""
+  if mask is None:
+    return hessian.accumulate_batch(state, x)
+  keep = (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))
+  # [B, ..., d_in] -> [tokens, d_in], padded rows zero
+  tokens = jnp.where(keep, x, 0).reshape(-1, x.shape[-1]).astype(jnp.float32)
+  n = state.n + jnp.sum(mask)
+  # The running mean of `hessian.accumulate_batch`: H <- H·n_old/n + (2/n) Σ x xᵀ.
+  scaled = tokens * jnp.sqrt(2.0 / n)
+  H = state.H * (state.n / n) + hdot(scaled.T, scaled)
+  return hessian.HessianState(H=H, n=n), jnp.all(jnp.isfinite(tokens))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 7), donate_argnums=(6,))
 def _capture_step(model: CausalLM, layer_params: Params, h: jax.Array, layer_index: int,
                   paths: tuple[Path, ...], given: dict[Path, jax.Array] | None,
-                  states: tuple[hessian.HessianState, ...], return_inputs: bool):
+                  states: tuple[hessian.HessianState, ...], return_inputs: bool,
+                  mask: jax.Array | None = None):
   """One batch h [B, T, D] of block `layer_index`: the Hessian states of `paths` updated with
-  their inputs (the `given` ones used as they are), whether those were all finite (bool scalar),
-  and the inputs [B, T, d_in] themselves when `return_inputs` (else ())."""
+  their inputs (the `given` ones used as they are; rows where mask [B] is 0 left out), whether
+  those were all finite (bool scalar), and the inputs [B, T, d_in] themselves when
+  `return_inputs` (else ())."""
   _, _, inputs = model.block(layer_params, h, default_positions(h[..., 0]), layer_index,
                              capture=True, given=given)
   xs = tuple(inputs[p] for p in paths)
-  updated = [hessian.accumulate_batch(state, x) for state, x in zip(states, xs)]
+  updated = [_accumulate(state, x, mask) for state, x in zip(states, xs)]
   finite = jnp.all(jnp.stack([ok for _, ok in updated]))
   return tuple(state for state, _ in updated), finite, (xs if return_inputs else ())
 
@@ -168,11 +195,17 @@ def _nbytes(x: Any) -> int:
 
 class Activations:
   """The calibration activations between blocks, [N, T, D], as batches kept where `storage`
-  says (a `Storage`, or True / False for host / device)."""
+  says (a `Storage`, or True / False for host / device).
 
-  def __init__(self, storage: "Storage | bool" = False):
+  On a mesh (`mesh` set), each batch is a global array [B_padded, T, D] split over "data"
+  (`placement.shard_rows`) and `valid[b]` is the number of its real rows (the rest padding).
+  """
+
+  def __init__(self, storage: "Storage | bool" = False, mesh: jax.sharding.Mesh | None = None):
     self.storage = Storage.of(storage)
+    self.mesh = mesh
     self.batches: list[Any] = []
+    self.valid: list[int] = []
     self.compute_dtype = None  # the dtype the batches were produced in
     self._folder = _Folder(self.storage.directory)
 
@@ -180,26 +213,38 @@ class Activations:
   def on_host(self) -> bool:
     return self.storage.where != "device"
 
-  def append(self, h: jax.Array) -> None:
+  def append(self, h: jax.Array, valid: int | None = None) -> None:
+    """Adds batch h [B, T, D] of which the first `valid` rows are real (None: all)."""
     self.compute_dtype = self.compute_dtype or h.dtype
     self.batches.append(self.storage.put(h, self._folder))
+    self.valid.append(h.shape[0] if valid is None else valid)
 
   def __iter__(self) -> Iterator[jax.Array]:
     for h in self.batches:
       yield Storage.get(h, self.compute_dtype)
 
+  def masks(self) -> Iterator[jax.Array | None]:
+    """Per batch, the f32 [B] mask of its real rows on the mesh, or None (all rows real)."""
+    for h, valid in zip(self.batches, self.valid):
+      yield None if self.mesh is None else placement.row_mask(h.shape[0], valid, self.mesh)
+
   def stacked(self) -> np.ndarray:
-    """[N, T, D] on the host (for checkpoints), in the stored dtype."""
-    return np.concatenate([h.load() if isinstance(h, _DiskArray) else np.asarray(h)
-                           for h in self.batches], axis=0)
+    """[N, T, D] on the host (for checkpoints), in the stored dtype, without padding rows."""
+    return np.concatenate([(h.load() if isinstance(h, _DiskArray) else np.asarray(h))[:valid]
+                           for h, valid in zip(self.batches, self.valid)], axis=0)
 
   @classmethod
-  def from_array(cls, array: np.ndarray, batch: int,
-                 storage: "Storage | bool") -> "Activations":
-    out = cls(storage)
+  def from_array(cls, array: np.ndarray, batch: int, storage: "Storage | bool",
+                 mesh: jax.sharding.Mesh | None = None) -> "Activations":
+    """array [N, T, D] in batches of `batch` rows (split over the mesh's "data" when given)."""
+    out = cls(storage, mesh)
     for start in range(0, array.shape[0], batch):
-      out.append(jnp.asarray(array[start:start + batch]))
+      out.append(*_placed(array[start:start + batch], mesh))
     return out
+
+  def like(self) -> "Activations":
+    """An empty container with the same storage and mesh."""
+    return Activations(self.storage, self.mesh)
 
   def nbytes(self) -> int:
     """Bytes of the stored batches, wherever they are."""
@@ -210,13 +255,25 @@ class Activations:
     return 0 if self.storage.where == "disk" else self.nbytes()
 
 
+def _placed(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> tuple[jax.Array, int]:
+  """(rows on the device, or split over the mesh's "data" and padded; the real row count)."""
+  if mesh is None:
+    return jnp.asarray(rows), rows.shape[0]
+  return placement.shard_rows(rows, mesh)
+
+
 def embed_calibration(model: CausalLM, params: Params, ids: np.ndarray, batch: int,
-                      on_host: "Storage | bool") -> Activations:
+                      on_host: "Storage | bool",
+                      mesh: jax.sharding.Mesh | None = None) -> Activations:
   """Embeddings of the calibration windows ids [N, T], in batches of `batch` windows, stored
-  as `on_host` says (a `Storage`, or True / False for host / device)."""
-  out = Activations(on_host)
+  as `on_host` says (a `Storage`, or True / False for host / device). With a mesh, each batch
+  of ids is split over "data" (each process supplies its rows) and embedded there."""
+  out = Activations(on_host, mesh)
+  if mesh is not None:
+    params = placement.replicate(params, mesh)
   for start in range(0, ids.shape[0], batch):
-    out.append(_embed(model, params, jnp.asarray(ids[start:start + batch])))
+    x, valid = _placed(np.asarray(ids[start:start + batch]), mesh)
+    out.append(_embed(model, params, x), valid)
   return out
 
 
@@ -260,13 +317,20 @@ class LinearInputs:
     return 0 if self.storage.where == "disk" else self.nbytes()
 
 
+def _on_mesh(layer_params: Params, acts: Activations) -> Params:
+  """The block params where the activations' programs run (replicated on their mesh)."""
+  return layer_params if acts.mesh is None else placement.replicate(layer_params, acts.mesh)
+
+
 def block_outputs(model: CausalLM, layer_params: Params, acts: Activations, layer_index: int,
                   kept: LinearInputs | None = None) -> Activations:
   """Runs block `layer_index` over every batch of `acts` (on the `kept` inputs, if any)."""
-  out = Activations(acts.storage)
+  out = acts.like()
   k = kind_index(model, layer_index)
+  layer_params = _on_mesh(layer_params, acts)
   for b, h in enumerate(acts):
-    out.append(_forward(model, layer_params, h, k, None if kept is None else kept.given(b)))
+    out.append(_forward(model, layer_params, h, k, None if kept is None else kept.given(b)),
+               acts.valid[b])
   if out.batches:
     jax.block_until_ready(out.batches[-1])
   return out
@@ -292,11 +356,14 @@ def group_hessians(model: CausalLM, layer_params: Params, acts: Activations, lay
   paths = tuple(representatives)
   k = kind_index(model, layer_index)
   states = tuple(hessian.HessianState.zeros(_input_width(layer_params, p)) for p in paths)
+  if acts.mesh is not None:
+    states = placement.replicate(states, acts.mesh)
+  layer_params = _on_mesh(layer_params, acts)
   flags = []
-  for b, h in enumerate(acts):
+  for b, (h, mask) in enumerate(zip(acts, acts.masks())):
     given = None if kept is None else kept.given(b)
     states, finite, xs = _capture_step(model, layer_params, h, k, paths, given, states,
-                                       kept is not None)
+                                       kept is not None, mask)
     flags.append(finite)
     if kept is not None:
       sharing = sharing or {}
@@ -304,7 +371,8 @@ def group_hessians(model: CausalLM, layer_params: Params, acts: Activations, lay
   bad = [b for b, ok in enumerate(jax.device_get(flags)) if not ok]
   if bad:
     _raise_non_finite(model, layer_params, acts, k, representatives, bad[0], kept)
-  return {path: state.H for path, state in zip(paths, states)}
+  # On a mesh H is replicated (all-reduced); the solves take this process's copy.
+  return {path: placement.local_copy(state.H) for path, state in zip(paths, states)}
 
 
 def _raise_non_finite(model, layer_params, acts, k, representatives, b, kept) -> None:

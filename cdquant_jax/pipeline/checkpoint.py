@@ -8,7 +8,8 @@ Checkpoint directory `<output_dir>/checkpoint/`:
                            "activations" only; older files are removed after state.json)
   state.json               {"fingerprint", "blocks_done", "records", "seconds"}; written last,
                            so a crash between files leaves the previous consistent state
-Resuming rebuilds the quantized params from the block files (dequantized exactly as the run
+Only process 0 of a multi-process run writes or removes files; every process reads them when
+resuming (a filesystem all hosts see). Resuming rebuilds the quantized params from the block files (dequantized exactly as the run
 wrote them back) and the next block's inputs from activations.npy or by replaying the quantized
 blocks with the same jitted forwards, so a resumed run is bit-identical to an uninterrupted one.
 """
@@ -27,13 +28,14 @@ import numpy as np
 from cdquant_jax import config as config_lib
 from cdquant_jax import io_utils
 from cdquant_jax.data import token_hash
+from cdquant_jax.distributed import multihost
 from cdquant_jax.quant import serialize
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 # RunConfig fields that do not change the quantized result (not fingerprinted).
 _UNFINGERPRINTED = ("output_dir", "eval", "activations", "checkpoint", "token_hashes",
-                    "solve_devices")
+                    "solve_devices", "mesh")
 
 
 class ResumeError(RuntimeError):
@@ -105,7 +107,10 @@ def load_state(output_dir: str) -> dict | None:
 
 def save_block(output_dir: str, block: int, qweights: dict, state: dict,
                activations: np.ndarray | None) -> None:
-  """Writes block `block`'s weights, the activations (optional), then state.json."""
+  """Writes block `block`'s weights, the activations (optional), then state.json (process 0
+  of a multi-process run only; the others hold the same state)."""
+  if not multihost.is_writer():
+    return
   with io_utils.atomic_path(block_file(output_dir, block)) as tmp:
     serialize.save_quantized(tmp, qweights, extra=dict(block=block))
   if activations is not None:
@@ -123,7 +128,9 @@ def block_params_file(output_dir: str, block: int) -> str:
 
 def save_block_params(output_dir: str, block: int, tensors: dict[str, np.ndarray]) -> None:
   """Writes block `block`'s tuned unquantized params (dotted path in the block -> array);
-  call it before `save_block`, whose state.json then covers it."""
+  call it before `save_block`, whose state.json then covers it. Process 0 only."""
+  if not multihost.is_writer():
+    return
   with io_utils.atomic_path(block_params_file(output_dir, block)) as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, **tensors)
@@ -157,4 +164,7 @@ def load_activations(output_dir: str, state: dict) -> np.ndarray | None:
 
 
 def clear(output_dir: str) -> None:
+  """Removes the checkpoint folder (process 0 only)."""
+  if not multihost.is_writer():
+    return
   shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)

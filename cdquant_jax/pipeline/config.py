@@ -20,6 +20,7 @@ import re
 from typing import Literal
 
 from cdquant_jax import config as config_lib
+from cdquant_jax.distributed.mesh import MeshConfig
 from cdquant_jax.models import aliases
 from cdquant_jax.pipeline.tune import TuneConfig
 from cdquant_jax.solvers import api
@@ -148,6 +149,14 @@ class RunConfig:
   result equals the one-device solve bit for bit, so resume may change it); None or 1 = one
   device. Methods whose rows are coupled (bcd, spqr-cd) are rejected when the config is built;
   more devices than the process has is an error when the run starts.
+  mesh: run on a device mesh of every device of every process (`distributed.mesh.MeshConfig`:
+  sizes of the axes "data" and "model", or data: auto), None = one device. The calibration
+  batches are split over "data" (padded to a multiple of it; padded rows add nothing to H) and
+  each Hessian is the all-reduce of the devices' partial sums, equal to the one-device H up to
+  f32 summation order; every layer solve's output rows are split over the "model" devices of
+  this process, as solve_devices does (which must then be unset). Needs activations=device and
+  no tune step; a mesh larger than the machine is an error when the run starts. Not
+  fingerprinted: a run may resume on another mesh shape.
   token_hashes: the token windows this run must use, {"calibration": hash, "evaluation":
   {source: hash}} (`data.token_hash`; a run writes its own into run_config.json, so re-running
   that file checks that it sees the same data): the calibration windows are checked before any
@@ -168,12 +177,14 @@ class RunConfig:
   exports: tuple[ExportFormat, ...] = ()
   tune: TuneConfig = TuneConfig()
   solve_devices: int | None = None
+  mesh: MeshConfig | None = None
   token_hashes: dict | None = None
 
   def validate(self) -> "RunConfig":
     """Raises ConfigError for a bad value; returns self."""
     self._check_token_hashes()
     self._check_solve_devices()
+    self._check_mesh()
     for name in ("nsamples", "seqlen"):
       if getattr(self.calibration, name) < 1:
         raise config_lib.ConfigError(f"calibration.{name} must be >= 1, "
@@ -232,6 +243,23 @@ class RunConfig:
     for method in (self.quant.method,) + tuple(r.method for r in self.quant.rules if r.method):
       if self.solve_devices > 1 and method in NOT_SHARDABLE:
         raise config_lib.ConfigError(f"solve_devices={self.solve_devices} with method {method}: "
+                                     f"its rows cannot be split ({NOT_SHARDABLE[method]})")
+
+  def _check_mesh(self) -> None:
+    """ConfigError for a mesh with a setting it cannot honour (see the class docstring)."""
+    if self.mesh is None:
+      return
+    for ok, what in [(self.solve_devices is None,
+                      f"solve_devices={self.solve_devices} (mesh.model splits the solves)"),
+                     (self.activations == "device", f"activations={self.activations}"),
+                     (not self.tune.enabled, "tune.enabled=true")]:
+      if not ok:
+        raise config_lib.ConfigError(f"mesh={config_lib.to_dict(self.mesh)} cannot be used "
+                                     f"with {what}")
+    from cdquant_jax.distributed.solve import NOT_SHARDABLE  # pylint: disable=import-outside-toplevel
+    for method in (self.quant.method,) + tuple(r.method for r in self.quant.rules if r.method):
+      if self.mesh.model > 1 and method in NOT_SHARDABLE:
+        raise config_lib.ConfigError(f"mesh.model={self.mesh.model} with method {method}: "
                                      f"its rows cannot be split ({NOT_SHARDABLE[method]})")
 
   def expected_hash(self, kind: str, source: str | None = None) -> str | None:

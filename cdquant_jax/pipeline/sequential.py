@@ -27,6 +27,7 @@ import numpy as np
 from cdquant_jax import compilation, data, io_utils
 from cdquant_jax import config as config_lib
 from cdquant_jax._numerics import layer_objective, reference_energy
+from cdquant_jax.distributed import multihost, placement
 from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
@@ -188,6 +189,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   check_token_hash("calibration", data.token_hash(calibration_ids),
                    run.expected_hash("calibration"))
   check_solve_devices(run)
+  placement.check_run_mesh(run.mesh, run.checkpoint)
   fp = _fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
@@ -391,7 +393,8 @@ def _checkpoint(run, model, fp, state: RunState, acts: capture.Activations, i: i
                                    tune.norm_tensors(model.layer_params(state.params, i)))
     checkpoint.save_block(run.output_dir, i, block_qw, saved,
                           acts.stacked() if run.checkpoint == "activations" else None)
-  runlog.write_log(run.output_dir, state.records)
+  if multihost.is_writer():
+    runlog.write_log(run.output_dir, state.records)
   obs.block_done()
   obs.phase("checkpoint_seconds")
 
@@ -409,10 +412,13 @@ def _initial_activations(run, model, state: RunState, ids) -> capture.Activation
   """Inputs of block `state.block`: saved activations, or the embeddings run through the
   quantized blocks 0..state.block-1 again (the same jitted forwards)."""
   on_host = activation_storage(run)
+  mesh = placement.run_mesh(run.mesh)
   if state.saved_acts is not None:
-    return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host)
+    return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host,
+                                          mesh)
   embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
-  acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host)
+  acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host,
+                                   mesh)
   sharing: dict[int, list[list[Path]]] = {}
   for i in range(state.block):
     layer = jax.device_put(model.layer_params(state.params, i))
@@ -549,12 +555,14 @@ def quantize_linears(run: RunConfig, layer_params: Params, names: dict[Path, str
 
 
 def _solve(run: RunConfig, method: str, W: jax.Array, H: jax.Array, cfg, layer: str):
-  """`api.solve`, or its rows split over run.solve_devices local devices."""
-  if (run.solve_devices or 1) == 1:
+  """`api.solve`, or its rows split over run.solve_devices local devices (or the mesh's
+  "model" devices of this process)."""
+  devices = (placement.solve_devices(placement.run_mesh(run.mesh)) if run.mesh else
+             jax.local_devices()[:run.solve_devices or 1])
+  if len(devices) == 1:
     return api.solve(method, W, H, cfg, layer=layer)
   from cdquant_jax.distributed import solve as dsolve  # pylint: disable=import-outside-toplevel
-  return dsolve.solve_sharded(method, W, H, cfg, jax.local_devices()[:run.solve_devices],
-                              layer=layer)
+  return dsolve.solve_sharded(method, W, H, cfg, devices, layer=layer)
 
 
 def check_solve_devices(run: RunConfig) -> None:
@@ -659,6 +667,9 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
     memory.release_freed()
     memory.mark("eval_seconds")
   metrics["token_hashes"] = token_hashes(calibration_hash, metrics)
+  if not multihost.is_writer():  # a multi-process run's outputs are process 0's to write
+    return dict(metrics, timing=timing, memory=dict(memory.memory_report(),
+                                                    blocks=block_memory(records)))
   start = time.perf_counter()
   export.write_model_dir(run.output_dir, model, weights.for_export(params), qweights,
                          tokenizer=tokenizer,

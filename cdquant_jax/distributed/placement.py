@@ -1,0 +1,122 @@
+"""Where the arrays of a mesh run live (`RunConfig.mesh`), on one host or many.
+
+    mesh = run_mesh(run.mesh)                  # [data, model] over jax.devices() (all hosts)
+    x, valid = shard_rows(ids[start:stop], mesh)  # rows over "data", padded to a multiple
+    layer = replicate(layer_params, mesh)      # every device holds the block
+    H = local_copy(H)                          # this process's copy of a replicated result
+
+Calibration batches are split over "data" on their first (batch) axis; a batch whose rows do
+not divide the data size is padded with zero rows (token id 0) up to the next multiple, and
+`valid` says how many rows are real: the Hessian capture masks the padded rows out
+(`row_mask`), so they add exactly 0 to H and nothing to its sequence count.
+
+On several processes (`jax.distributed`), every process holds the same host arrays (the same
+calibration windows and params); `shard_rows` and `replicate` build each global array from
+this process's part only (`jax.make_array_from_callback` calls back for its own devices, so a
+process reads only its rows of a batch). Solves run on this process's devices of the "model"
+axis (`solve_devices`), so each process ends with the whole quantized block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cdquant_jax import config as config_lib
+from cdquant_jax.distributed.mesh import MeshConfig, make_mesh
+
+
+def run_mesh(cfg: MeshConfig | None) -> jax.sharding.Mesh | None:
+  """The run's mesh over every device of every process (None without a mesh section).
+
+  Raises ConfigError when it does not fit the devices, or, on several processes, when a data
+  row of the mesh (the devices of one solve) would span processes.
+  """
+  if cfg is None:
+    return None
+  mesh = make_mesh(cfg)
+  if jax.process_count() > 1:
+    local = jax.local_device_count()
+    config_lib.reject_unless(local % cfg.model == 0,
+                             f"mesh.model={cfg.model} must divide this process's {local} "
+                             "local devices (a solve runs within one process)")
+  return mesh
+
+
+def check_run_mesh(cfg: MeshConfig | None, checkpoint: str) -> None:
+  """ConfigError, before any work, for a mesh this machine (or process group) cannot hold,
+  and for saved activations on several processes (each holds only its rows)."""
+  run_mesh(cfg)
+  if jax.process_count() > 1:
+    config_lib.reject_unless(checkpoint != "activations",
+                             f"checkpoint={checkpoint} on {jax.process_count()} processes: "
+                             "use checkpoint=replay (each process holds only its rows)")
+
+
+def rows_spec(ndim: int) -> P:
+  """PartitionSpec of an array [rows, ...] split over "data" on its first axis."""
+  return P("data", *([None] * (ndim - 1)))
+
+
+def padded_rows(rows: int, mesh: jax.sharding.Mesh) -> int:
+  """rows rounded up to a multiple of the mesh's data size."""
+  data = mesh.shape["data"]
+  return -(-rows // data) * data
+
+
+def shard_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, int]:
+  """(x [rows_padded, ...] with rows over "data", rows): x [rows, ...] (a host array, the same
+  on every process) padded with zero rows to `padded_rows`."""
+  x = np.asarray(x)
+  rows = x.shape[0]
+  pad = padded_rows(rows, mesh) - rows
+  if pad:
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+  sharding = NamedSharding(mesh, rows_spec(x.ndim))
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), rows
+
+
+def row_mask(rows: int, valid: int, mesh: jax.sharding.Mesh) -> jax.Array | None:
+  """f32 [rows] over "data": 1 for the first `valid` rows, 0 for padding; None when every row
+  is real (the program is then the unmasked one)."""
+  if valid == rows:
+    return None
+  mask = (np.arange(rows) < valid).astype(np.float32)
+  return jax.make_array_from_callback(mask.shape, NamedSharding(mesh, P("data")),
+                                      lambda index: mask[index])
+
+
+def _replicated(leaf: Any, sharding: NamedSharding) -> jax.Array:
+  if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+    return leaf
+  if jax.process_count() == 1:
+    return jax.device_put(leaf, sharding)
+  host = np.asarray(leaf)  # a local (or fully replicated) array: the same on every process
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """tree with every array leaf on every device of the mesh (leaves already so are kept)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda leaf: _replicated(leaf, sharding), tree)
+
+
+def local_copy(x: jax.Array) -> jax.Array:
+  """This process's first copy of a replicated array (a one-device array); others as they
+  are."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  assert x.is_fully_replicated, f"local_copy of a sharded array {x.sharding}"
+  return x.addressable_data(0)
+
+
+def solve_devices(mesh: jax.sharding.Mesh) -> list[jax.Device]:
+  """The "model"-axis devices of the first data row held entirely by this process."""
+  here = jax.process_index()
+  for row in mesh.devices:
+    if all(d.process_index == here for d in row):
+      return list(row)
+  raise config_lib.ConfigError(f"mesh {dict(mesh.shape)}: no data row lies on process {here}")

@@ -1,10 +1,17 @@
-"""The functional decoder-LM interface shared by all families (`CausalLM`) and generation.
+"""`CausalLM`: the functional interface over each family's NNX module, and generation.
 
-A model is a frozen dataclass holding a `ModelConfig` and the `LinearOptions` its packed
-(quantized) linears run with; parameters are a separate plain nested
-dict with HF-like names, e.g. params["layers"][i]["self_attn"]["q_proj"]["weight"] [d_out, d_in].
-Subclasses implement `embed`, `block`, `head`, `block_linears`, `param_shapes` and the HF name
-prefixes; this class adds forward, the KV cache, decoding and generation.
+A model is a frozen, hashable dataclass holding a `ModelConfig` and the `LinearOptions` its
+packed (quantized) linears run with. The computation lives in the family's NNX module
+(`MODULE`, a `modules.DecoderModule`: llama.py, opt.py, falcon.py) whose parameters are
+`nnx.Param`s named like HF's, so its state is the plain nested dict of params, e.g.
+params["layers"][i]["self_attn"]["q_proj"]["weight"] [d_out, d_in] (`modules.state_to_params`).
+
+The functional methods (embed / block / head / forward / decode_step over dict params, which
+the pipeline, loaders and exports use) merge the module's graphdef, built once per model and
+part (`_graphdef`), with the given params inside the traced function and call it, so the
+NNX modules are the one implementation of each family. `nnx_module(params)` is that module
+for direct NNX use (`nnx.split` / `nnx.merge` / `nnx.jit`), `params_of(module)` the way back.
+Subclasses set `MODULE`, `block_linears` and the HF name prefixes.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from cdquant_jax.models import layers
+from cdquant_jax.models import layers, modules
 from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.models.modules import default_positions  # noqa: F401  (re-exported)
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
+OUTER = "outer"  # `_graphdef` part: the model without its blocks (embed and head)
+WHOLE = "whole"  # `_graphdef` part: the whole model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +41,58 @@ class CausalLM:
   config: ModelConfig
   linear_options: layers.LinearOptions = layers.LinearOptions()
 
+  # The family's NNX model: MODULE(config, options=, dtype=, rngs=, num_layers=None), with
+  # MODULE.BLOCK(config, layer_index, options=, dtype=, rngs=) its block class.
+  MODULE: ClassVar[type[modules.DecoderModule]]
   # (HF name prefix, our prefix), first match wins; e.g. ("model.", "").
   HF_PREFIXES: ClassVar[tuple[tuple[str, str], ...]] = ()
 
   # ---- implemented by each family -------------------------------------------------------
-  def embed(self, params: Params, ids: jax.Array, positions: jax.Array) -> jax.Array:
-    """ids [B, T] int, positions [B, T] int -> h [B, T, D]."""
+  def block_linears(self) -> list[list[Path]]:
+    """Linear paths of a block in true-sequential groups: [[k, v, q], [o], [up, gate], [down]]."""
     raise NotImplementedError
+
+  @property
+  def cache_kv_heads(self) -> int:
+    return self.config.num_kv_heads
+
+  # ---- the NNX modules ---------------------------------------------------------------------
+  def build_module(self, rngs: nnx.Rngs | None, dtype=jnp.float32,
+                   num_layers: int | None = None) -> modules.DecoderModule:
+    """A fresh NNX model: N(0, 0.02) weights, unit norm scales, zero biases; rngs=None builds
+    it abstract (jax.ShapeDtypeStruct values). num_layers None: the config's; 0 builds the
+    embed and head only."""
+    return self.MODULE(self.config, options=self.linear_options, dtype=dtype, rngs=rngs,
+                       num_layers=num_layers)
+
+  def build_block(self, layer_index: int, rngs: nnx.Rngs | None, dtype=jnp.float32
+                  ) -> nnx.Module:
+    """A fresh NNX block `layer_index` (its rope and attention window depend on the index)."""
+    return self.MODULE.BLOCK(self.config, layer_index, options=self.linear_options,
+                             dtype=dtype, rngs=rngs)
+
+  def nnx_module(self, params: Params) -> modules.DecoderModule:
+    """The family's NNX model holding `params` (arrays or packed QuantizedWeights)."""
+    return nnx.merge(_graphdef(self, WHOLE), modules.params_to_state(params))
+
+  def block_module(self, layer_params: Params, layer_index: int) -> nnx.Module:
+    """NNX block `layer_index` holding `layer_params` (= params["layers"][layer_index])."""
+    return nnx.merge(_graphdef(self, layer_index), modules.params_to_state(layer_params))
+
+  def outer_module(self, params: Params) -> modules.DecoderModule:
+    """The NNX model without blocks, holding the params outside "layers" (embed, head)."""
+    outer = {key: value for key, value in params.items() if key != "layers"}
+    return nnx.merge(_graphdef(self, OUTER), modules.params_to_state({**outer, "layers": []}))
+
+  @staticmethod
+  def params_of(module: nnx.Module) -> Params:
+    """The dict params of an NNX model or block (`nnx.state` as nested dicts and lists)."""
+    return modules.state_to_params(nnx.state(module))
+
+  # ---- the functional interface over dict params -------------------------------------------
+  def embed(self, params: Params, ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """ids [B, T] int, positions [B, T] int -> h [B, T, D] (params need no "layers")."""
+    return self.outer_module(params).embed(ids, positions)
 
   def block(self, layer_params: Params, h: jax.Array, positions: jax.Array, layer_index: int,
             cache: Params | None = None, capture: bool = False,
@@ -45,23 +101,28 @@ class CausalLM:
     where inputs maps each linear's path (see `block_linears`) to its input [B, T, d_in].
     given: linear path -> input [B, T, d_in] to use instead of computing it
     (`layers.LinearRecorder`)."""
-    raise NotImplementedError
+    recorder = layers.LinearRecorder(capture, given)
+    h, cache = self.block_module(layer_params, layer_index)(h, positions, cache, recorder)
+    return (h, cache, recorder.inputs) if capture else (h, cache)
 
   def head(self, params: Params, h: jax.Array) -> jax.Array:
     """h [B, T, D] -> logits [B, T, V] (final norm, lm_head or tied embedding, soft-cap)."""
-    raise NotImplementedError
+    return self.outer_module(params).head(h)
 
-  def block_linears(self) -> list[list[Path]]:
-    """Linear paths of a block in true-sequential groups: [[k, v, q], [o], [up, gate], [down]]."""
-    raise NotImplementedError
+  def forward(self, params: Params, ids: jax.Array, positions: jax.Array | None = None
+              ) -> jax.Array:
+    """ids [B, T] -> logits [B, T, V] (embed, every block, head). Jit-able."""
+    return self.nnx_module(params)(ids, positions)
+
+  def decode_step(self, params: Params, ids: jax.Array, cache: list[Params]
+                  ) -> tuple[jax.Array, list[Params]]:
+    """Appends ids [B, T] to the cache; returns (logits [B, T, V], new cache)."""
+    return self.nnx_module(params).decode_step(ids, cache)
 
   def param_shapes(self, dtype=jnp.float32) -> Params:
     """The params pytree as jax.ShapeDtypeStruct leaves (for eval_shape and load checks)."""
-    raise NotImplementedError
-
-  @property
-  def cache_kv_heads(self) -> int:
-    return self.config.num_kv_heads
+    # A fresh copy of the nested dicts and lists (callers may edit them).
+    return jax.tree.map(lambda leaf: leaf, _param_shapes(self, jnp.dtype(dtype)))
 
   # ---- shared ------------------------------------------------------------------------------
   @property
@@ -84,34 +145,11 @@ class CausalLM:
   def linear_paths(self) -> list[Path]:
     return [path for group in self.block_linears() for path in group]
 
-  def forward(self, params: Params, ids: jax.Array, positions: jax.Array | None = None
-              ) -> jax.Array:
-    """ids [B, T] -> logits [B, T, V] (embed, every block, head). Jit-able."""
-    if positions is None:
-      positions = default_positions(ids)
-    h = self.embed(params, ids, positions)
-    for i in range(self.num_layers):
-      h, _ = self.block(self.layer_params(params, i), h, positions, i)
-    return self.head(params, h)
-
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Params]:
     """One `layers.init_layer_cache` per layer, max_len slots each."""
     c = self.config
     return [layers.init_layer_cache(batch, max_len, self.cache_kv_heads, c.head_dim, dtype)
             for _ in range(self.num_layers)]
-
-  def decode_step(self, params: Params, ids: jax.Array, cache: list[Params]
-                  ) -> tuple[jax.Array, list[Params]]:
-    """Appends ids [B, T] to the cache; returns (logits [B, T, V], new cache)."""
-    t = ids.shape[1]
-    # [B, T] absolute positions, continuing after the cached tokens.
-    positions = jnp.broadcast_to(cache[0]["end"] + jnp.arange(t), ids.shape)
-    h = self.embed(params, ids, positions)
-    new_cache = []
-    for i in range(self.num_layers):
-      h, layer_cache = self.block(self.layer_params(params, i), h, positions, i, cache[i])
-      new_cache.append(layer_cache)
-    return self.head(params, h), new_cache
 
   def generate(self, params: Params, prompt, max_new_tokens: int, *, tokenizer=None,
                greedy: bool = True, temperature: float = 1.0, key: jax.Array | None = None,
@@ -178,23 +216,24 @@ class CausalLM:
     return tuple(int(part) if part.isdigit() else part for part in name.split("."))
 
 
-def default_positions(ids: jax.Array) -> jax.Array:
-  """[B, T] positions 0..T-1 for every row."""
-  return jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+@functools.lru_cache(maxsize=None)
+def _graphdef(model: CausalLM, part: str | int) -> nnx.GraphDef:
+  """The graphdef of `model`'s NNX module: WHOLE, OUTER (no blocks) or block `part` (an int).
+
+  Built once per (model, part) from an abstract module (no arrays); a graphdef holds no
+  dtypes or shapes, so it serves params of any dtype.
+  """
+  if part == WHOLE:
+    return nnx.graphdef(model.build_module(None))
+  if part == OUTER:
+    return nnx.graphdef(model.build_module(None, num_layers=0))
+  return nnx.graphdef(model.build_block(part, None))
 
 
-def linear_shape(d_out: int, d_in: int, bias: bool, dtype) -> Params:
-  p = {"weight": jax.ShapeDtypeStruct((d_out, d_in), dtype)}
-  if bias:
-    p["bias"] = jax.ShapeDtypeStruct((d_out,), dtype)
-  return p
-
-
-def norm_shape(dim: int, bias: bool, dtype) -> Params:
-  p = {"weight": jax.ShapeDtypeStruct((dim,), dtype)}
-  if bias:
-    p["bias"] = jax.ShapeDtypeStruct((dim,), dtype)
-  return p
+@functools.lru_cache(maxsize=None)
+def _param_shapes(model: CausalLM, dtype) -> Params:
+  """`CausalLM.param_shapes` (shared: do not edit; the method returns a copy)."""
+  return modules.state_to_params(nnx.state(model.build_module(None, dtype)))
 
 
 def _pick(logits: jax.Array, key: jax.Array, greedy: bool, temperature: float) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Falcon: fused query_key_value linear, rope, parallel attention + MLP, LayerNorm, GELU.
+"""Falcon (NNX modules): fused query_key_value linear, rope, parallel attention + MLP, LayerNorm, GELU.
 
 The fused linear is applied as one linear (so it is quantized as one matrix); its OUTPUT is
 split into q, k, v according to `config.qkv_layout`:
@@ -6,7 +6,7 @@ split into q, k, v according to `config.qkv_layout`:
   falcon_mq   (multi_query)              [H + 2, Dh]: H query heads, one k head, one v head
   falcon_mha                             [H, 3, Dh]: (q, k, v) per head
 
-Params (HF names without "transformer.", with "h" renamed "layers"):
+Params = the `FalconModel` module tree (HF names without "transformer.", "h" renamed "layers"):
   word_embeddings.weight [V, D]; ln_f; lm_head (absent when tied)
   layers[i]: ln_attn + ln_mlp (2 norms) or input_layernorm (+ post_attention_layernorm when not
              parallel), self_attention.{query_key_value, dense}, mlp.{dense_h_to_4h, dense_4h_to_h}
@@ -15,45 +15,32 @@ Params (HF names without "transformer.", with "h" renamed "layers"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
-import jax.numpy as jnp
+from flax import nnx
 
 from cdquant_jax.models import layers
-from cdquant_jax.models.base import CausalLM, linear_shape, norm_shape
+from cdquant_jax.models.base import CausalLM
+from cdquant_jax.models.config import ModelConfig
+from cdquant_jax.models.modules import DecoderModule, Embedding, Linear, ModuleList, Norm
 
 ATTN = "self_attention"
 
 
-@dataclasses.dataclass(frozen=True)
-class Falcon(CausalLM):
-  """Falcon decoder (rotary variants; ALiBi models are rejected by the config parser)."""
+class FalconAttention(nnx.Module):
+  """The fused query_key_value linear, split into q, k, v; rope; attention; dense."""
 
-  HF_PREFIXES = (("transformer.h.", "layers."), ("transformer.", ""))
+  def __init__(self, config: ModelConfig, layer_index: int, *, options, dtype, rngs):
+    c = config
+    d, bias = c.hidden_size, c.qkv_bias
+    qkv_out = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    linear = functools.partial(Linear, bias=bias, options=options, dtype=dtype, rngs=rngs)
+    self.query_key_value = linear(d, qkv_out, path=(ATTN, "query_key_value"))
+    self.dense = linear(d, d, path=(ATTN, "dense"))
+    self.config, self.layer_index = c, layer_index
 
-  def embed(self, params, ids, positions):
-    del positions
-    return jnp.take(params["word_embeddings"]["weight"], ids, axis=0)
-
-  def block(self, layer_params, h, positions, layer_index, cache=None, capture=False,
-            given=None):
-    c = self.config
-    lin = layers.LinearRecorder(layer_params, capture, self.linear_options, given)
-    if c.num_parallel_norms == 2:
-      x_attn = layers.norm(h, layer_params["ln_attn"], c)
-      x_mlp = layers.norm(h, layer_params["ln_mlp"], c)
-    else:
-      x_attn = x_mlp = layers.norm(h, layer_params["input_layernorm"], c)
-    attn_out, cache = self._attention(lin, x_attn, positions, layer_index, cache)
-    if not c.parallel_attn:
-      h = h + attn_out
-      x_mlp = layers.norm(h, layer_params["post_attention_layernorm"], c)
-    hidden = layers.activation(lin(("mlp", "dense_h_to_4h"), x_mlp), c.activation)
-    mlp_out = lin(("mlp", "dense_4h_to_h"), hidden)
-    h = (mlp_out + attn_out) + h if c.parallel_attn else h + mlp_out
-    return (h, cache, lin.inputs) if capture else (h, cache)
-
-  def _split_qkv(self, fused: jax.Array):
+  def split_qkv(self, fused: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """fused [B, T, qkv_out] -> q [B, T, H, Dh], k, v [B, T, K, Dh]."""
     c = self.config
     b, t, _ = fused.shape
@@ -72,46 +59,106 @@ class Falcon(CausalLM):
     x = fused.reshape(b, t, h, 3, dh)
     return x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]
 
-  def _attention(self, lin, x, positions, layer_index, cache):
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None,
+               recorder: layers.LinearRecorder | None) -> tuple[jax.Array, dict | None]:
+    """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache or None)."""
     c = self.config
     b, t, _ = x.shape
-    q, k, v = self._split_qkv(lin((ATTN, "query_key_value"), x))
-    inv_freq = c.rope_for_layer(layer_index).inv_freq(c.head_dim)
+    q, k, v = self.split_qkv(self.query_key_value(x, recorder))
+    inv_freq = c.rope_for_layer(self.layer_index).inv_freq(c.head_dim)
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
     out, cache = layers.cached_attention(q, k, v, cache, scale=c.query_scale, softcap=None,
                                          window=None)
     # [B, T, H, Dh] -> [B, T, D]
-    return lin((ATTN, "dense"), out.reshape(b, t, c.num_heads * c.head_dim)), cache
+    return self.dense(out.reshape(b, t, c.num_heads * c.head_dim), recorder), cache
 
-  def head(self, params, h):
-    c = self.config
-    h = layers.norm(h, params["ln_f"], c)
-    lm_head = params["word_embeddings"] if c.tie_word_embeddings else params["lm_head"]
-    return layers.linear(h, lm_head, self.linear_options)
+
+class FalconMLP(nnx.Module):
+  """dense_4h_to_h(act(dense_h_to_4h(x)))."""
+
+  def __init__(self, config: ModelConfig, *, options, dtype, rngs):
+    c = config
+    d, f = c.hidden_size, c.intermediate_size
+    linear = functools.partial(Linear, bias=c.qkv_bias, options=options, dtype=dtype, rngs=rngs)
+    self.dense_h_to_4h = linear(d, f, path=("mlp", "dense_h_to_4h"))
+    self.dense_4h_to_h = linear(f, d, path=("mlp", "dense_4h_to_h"))
+    self.activation = c.activation
+
+  def __call__(self, x: jax.Array, recorder: layers.LinearRecorder | None) -> jax.Array:
+    """x [B, T, D] -> [B, T, F] -> [B, T, D]."""
+    hidden = layers.activation(self.dense_h_to_4h(x, recorder), self.activation)
+    return self.dense_4h_to_h(hidden, recorder)
+
+
+class FalconBlock(nnx.Module):
+  """Attention and MLP in parallel on normed inputs (one or two norms), or sequential."""
+
+  def __init__(self, config: ModelConfig, layer_index: int, *, options, dtype, rngs):
+    c = config
+    norm = functools.partial(Norm.of_config, c, c.hidden_size, bias=True, rngs=rngs,
+                             dtype=dtype)
+    if c.num_parallel_norms == 2:
+      self.ln_attn, self.ln_mlp = norm(), norm()
+    else:
+      self.input_layernorm = norm()
+    if not c.parallel_attn:
+      self.post_attention_layernorm = norm()
+    self.self_attention = FalconAttention(c, layer_index, options=options, dtype=dtype,
+                                          rngs=rngs)
+    self.mlp = FalconMLP(c, options=options, dtype=dtype, rngs=rngs)
+    self.parallel_attn, self.num_parallel_norms = c.parallel_attn, c.num_parallel_norms
+
+  def __call__(self, h: jax.Array, positions: jax.Array, cache: dict | None = None,
+               recorder: layers.LinearRecorder | None = None) -> tuple[jax.Array, dict | None]:
+    """h [B, T, D], positions [B, T] -> (h [B, T, D], updated cache or None)."""
+    if self.num_parallel_norms == 2:
+      x_attn, x_mlp = self.ln_attn(h), self.ln_mlp(h)
+    else:
+      x_attn = x_mlp = self.input_layernorm(h)
+    attn_out, cache = self.self_attention(x_attn, positions, cache, recorder)
+    if not self.parallel_attn:
+      h = h + attn_out
+      x_mlp = self.post_attention_layernorm(h)
+    mlp_out = self.mlp(x_mlp, recorder)
+    h = (mlp_out + attn_out) + h if self.parallel_attn else h + mlp_out
+    return h, cache
+
+
+class FalconModel(DecoderModule):
+  """word_embeddings, layers (FalconBlock), ln_f, lm_head (absent when tied)."""
+
+  BLOCK = FalconBlock
+
+  def __init__(self, config: ModelConfig, *, options, dtype, rngs, num_layers=None):
+    c = config
+    n = c.num_layers if num_layers is None else num_layers
+    self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, options=options, dtype=dtype,
+                                     rngs=rngs)
+    self.layers = ModuleList([FalconBlock(c, i, options=options, dtype=dtype, rngs=rngs)
+                              for i in range(n)])
+    self.ln_f = Norm.of_config(c, c.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False, options=options,
+                            dtype=dtype, rngs=rngs)
+    self.tie_word_embeddings = c.tie_word_embeddings
+
+  def embed(self, ids, positions):
+    del positions  # rope is applied inside the blocks
+    return self.word_embeddings(ids)
+
+  def head(self, h):
+    h = self.ln_f(h)
+    return self.word_embeddings.attend(h) if self.tie_word_embeddings else self.lm_head(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class Falcon(CausalLM):
+  """Falcon decoder (rotary variants; ALiBi models are rejected by the config parser)."""
+
+  MODULE = FalconModel
+  HF_PREFIXES = (("transformer.h.", "layers."), ("transformer.", ""))
 
   def block_linears(self):
     return [[(ATTN, "query_key_value")], [(ATTN, "dense")], [("mlp", "dense_h_to_4h")],
             [("mlp", "dense_4h_to_h")]]
-
-  def param_shapes(self, dtype=jnp.float32):
-    c = self.config
-    d, f, dh, bias = c.hidden_size, c.intermediate_size, c.head_dim, c.qkv_bias
-    qkv_out = (c.num_heads + 2 * c.num_kv_heads) * dh
-    layer = {
-        ATTN: {"query_key_value": linear_shape(qkv_out, d, bias, dtype),
-               "dense": linear_shape(d, d, bias, dtype)},
-        "mlp": {"dense_h_to_4h": linear_shape(f, d, bias, dtype),
-                "dense_4h_to_h": linear_shape(d, f, bias, dtype)},
-    }
-    if c.num_parallel_norms == 2:
-      layer.update(ln_attn=norm_shape(d, True, dtype), ln_mlp=norm_shape(d, True, dtype))
-    else:
-      layer["input_layernorm"] = norm_shape(d, True, dtype)
-    if not c.parallel_attn:
-      layer["post_attention_layernorm"] = norm_shape(d, True, dtype)
-    params = {"word_embeddings": {"weight": jax.ShapeDtypeStruct((c.vocab_size, d), dtype)},
-              "layers": [layer] * c.num_layers, "ln_f": norm_shape(d, True, dtype)}
-    if not c.tie_word_embeddings:
-      params["lm_head"] = linear_shape(c.vocab_size, d, False, dtype)
-    return params

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdquant_jax._numerics import HIGHEST
-from cdquant_jax.models.params import get_path
+from cdquant_jax.models.params import get_path  # noqa: F401  (re-exported for callers)
 from cdquant_jax.quant.qweight import QuantizedWeight
 
 Params = dict[str, Any]
@@ -64,21 +64,17 @@ def linear(x: jax.Array, p: Params, options: LinearOptions = LinearOptions()) ->
 
 
 class LinearRecorder:
-  """Applies a block's linears by path and, when capturing, records each one's input.
+  """Records (capture) or replaces (given) the inputs of a block's linears, by path.
 
-  `rec(("self_attn", "q_proj"), x)` = `linear(x, layer_params["self_attn"]["q_proj"])`; with
-  capture=True, `rec.inputs[path]` is x [B, T, d_in] (the Hessian input of that linear).
-  `given` maps paths to inputs computed earlier: such a linear runs on (and records) the given
-  array instead of x, so under jit the computation of x is dead code when nothing else uses it
-  (the pipeline reuses captured inputs this way). Pure Python bookkeeping at trace time, so it
-  works under jit. `options`: see `linear`.
+  A block's `modules.Linear` calls `recorder(path, x)` with its path in the block
+  (("self_attn", "q_proj")) and input x [B, T, d_in], and runs on what it returns: given[path]
+  when present (inputs computed earlier; under jit the computation of x is then dead code
+  when nothing else uses it, which the pipeline relies on), else x. With capture=True,
+  `inputs[path]` is that input (the Hessian input of the linear). Pure Python bookkeeping at
+  trace time, one recorder per block call, so it works under jit.
   """
 
-  def __init__(self, layer_params: Params, capture: bool,
-               options: LinearOptions = LinearOptions(),
-               given: Mapping[Path, jax.Array] | None = None):
-    self.layer_params = layer_params
-    self.options = options
+  def __init__(self, capture: bool = False, given: Mapping[Path, jax.Array] | None = None):
     self.given = given or {}
     self.inputs: dict[Path, jax.Array] | None = {} if capture else None
 
@@ -86,7 +82,7 @@ class LinearRecorder:
     x = self.given.get(path, x)
     if self.inputs is not None:
       self.inputs[path] = x
-    return linear(x, get_path(self.layer_params, path), self.options)
+    return x
 
 
 def rms_norm(x: jax.Array, p: Params, eps: float, offset: float = 0.0) -> jax.Array:
@@ -103,13 +99,6 @@ def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["weight"].astype(jnp.float32)
   return (y + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
-def norm(x: jax.Array, p: Params, config) -> jax.Array:
-  """The config's normalisation (RMSNorm, optionally 1 + weight, or LayerNorm)."""
-  if config.norm_kind == "layer":
-    return layer_norm(x, p, config.norm_eps)
-  return rms_norm(x, p, config.norm_eps, config.norm_offset)
 
 
 def activation(x: jax.Array, name: str) -> jax.Array:

@@ -168,6 +168,11 @@ def replace_paths(cfg: Any, changes: dict[str, Any]) -> Any:
 def _set_path(node: Any, annotation: Any, keys: list[str], value: Any, full: str) -> Any:
   """`node` (plain data of a value of type `annotation`) with `keys` set to `value`."""
   head, rest = keys[0], keys[1:]
+  options = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if (typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1
+      and dataclasses.is_dataclass(options[0]) and (node is None or isinstance(node, dict))):
+    # An unset `X | None` section (e.g. `mesh`) is set field by field from X's defaults.
+    node, annotation = node or {}, options[0]
   if dataclasses.is_dataclass(annotation) and isinstance(node, dict):
     hints = _hints(annotation)
     if head not in hints:

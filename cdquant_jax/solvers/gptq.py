@@ -224,6 +224,23 @@ def _sub_block(B: int, exact_groups: bool) -> int:
   return next(s for s in (SUB_BLOCK, 16, 8, 4, 2, 1) if B % s == 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SweepShape:
+  """Static shape of a sweep (hashable): the config, whether groups are fitted during the sweep,
+  d_out rows, d_in real and n_cols padded columns, blocks of B columns made of sub-blocks of S,
+  and n_groups groups of G columns."""
+
+  cfg: GPTQConfig
+  dynamic: bool
+  d_out: int
+  d_in: int
+  n_cols: int
+  B: int
+  S: int
+  G: int
+  n_groups: int
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dynamic"))
 def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
   """The blocked column sweep in processing order.
@@ -246,86 +263,108 @@ def _sweep(W, U, fixed_scale, fixed_zero, *, cfg: GPTQConfig, dynamic: bool):
   Wx, Ux, fs, fz = _pad_problem(W, U, fixed_scale, fixed_zero, B)
   # [d_out, n_cols] -> [n_cols, d_out]: row j of WT is column j of W.
   WT, fsT, fzT = Wx.T, fs.T, fz.T
-  n_cols = WT.shape[0]
-  cols = jnp.arange(n_cols)
-  maxq, flavor = cfg.grid.maxq, cfg.grid.flavor
-  S = _sub_block(B, cfg.exact_groups)
-
-  def fit_group(WoutT, W1, Err1, i1, j):
-    """(scale, zero) [d_out] of the group starting at column j."""
-    Wg = jax.lax.dynamic_slice(WoutT, (j, 0), (G, d_out))
-    if cfg.exact_groups:
-      gcols = j + jnp.arange(G)
-      # Pending in-block updates of later blocks' columns: U[blk, gcols]ᵀ [G, B] @ Err1 [B, d_out].
-      Ublk = jax.lax.dynamic_slice(Ux, (i1, j), (B, G))
-      Wg = Wg - hdot((Ublk * (gcols >= i1 + B)[None, :]).T, Err1)
-      in_blk = (gcols >= i1) & (gcols < i1 + B)
-      W1g = jnp.take(W1, jnp.clip(gcols - i1, 0, B - 1), axis=0)
-      Wg = jnp.where(in_blk[:, None], W1g, Wg)
-    fit = grids.minmax_params if cfg.grid.scale_search == "minmax" else grids.mse_params
-    return fit(Wg.T, cfg.grid)
-
-  def column(i, state):
-    W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0 = state
-    ib = k0 + i  # column of the block
-    j = i1 + ib
-    if dynamic:
-      is_start = (j % G == 0) & (j < d_in)
-      # exact_groups runs one sub-block per block (S == B), so W2 is the whole block there.
-      params = jax.lax.cond(is_start, lambda: fit_group(WoutT, W2, Err1, i1, j),
-                            lambda: params)
-      s, z = params
-      # Parameters are constant within a group, so writing them at every column is exact.
-      gi = jnp.minimum(j // G, n_groups - 1)
-      scales, zeros = scales.at[gi].set(s), zeros.at[gi].set(z)
-    else:
-      s, z = fsT[j], fzT[j]
-    w = W2[i]
-    c = grids.codes_of(w, s, z, maxq, flavor)
-    q = grids.dequantize_codes(c, s, z)
-    d = U2[i, i]
-    err = (w - q) / d
-    loss = loss + jnp.sum((w - q) ** 2) / d**2 / 2
-    # Rank-1 update of the sub-block's later columns: W2[i+1:] −= U2[i, i+1:] ⊗ err.
-    W2 = W2 - jnp.where(jnp.arange(S) > i, U2[i], 0.0)[:, None] * err[None, :]
-    return (W2, Q1.at[ib].set(q), C1.at[ib].set(c), Err1.at[ib].set(err), loss, params,
-            scales, zeros, WoutT, i1, U2, k0)
-
-  def sub_block(k, state):
-    W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1 = state
-    k0 = k * S
-    W2 = jax.lax.dynamic_slice(W1, (k0, 0), (S, d_out))
-    U2 = jax.lax.dynamic_slice(U1, (k0, k0), (S, S))
-    inner = (W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0)
-    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _, _ = jax.lax.fori_loop(
-        0, S, column, inner)
-    if S < B:
-      # Lazy update of the block's later columns: W1[k0+S:] −= U1[sub, k0+S:]ᵀ @ Err[sub].
-      Err2 = jax.lax.dynamic_slice(Err1, (k0, 0), (S, d_out))
-      Urows = jax.lax.dynamic_slice(U1, (k0, 0), (S, B))
-      W1 = W1 - hdot(jnp.where(jnp.arange(B)[None, :] >= k0 + S, Urows, 0.0).T, Err2)
-    return W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1
-
-  def block(b, state):
-    WoutT, Q, C, loss, params, scales, zeros = state
-    i1 = b * B
-    W1 = jax.lax.dynamic_slice(WoutT, (i1, 0), (B, d_out))
-    U1 = jax.lax.dynamic_slice(Ux, (i1, i1), (B, B))
-    zero_blk = jnp.zeros_like(W1)
-    inner = (W1, zero_blk, zero_blk, zero_blk, loss, params, scales, zeros, WoutT, i1, U1)
-    _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _ = jax.lax.fori_loop(
-        0, B // S, sub_block, inner)
-    # Lazy batch update of all later columns: Wᵀ[i2:] −= U[blk, i2:]ᵀ @ Err1.
-    Urows = jax.lax.dynamic_slice(Ux, (i1, 0), (B, n_cols))
-    WoutT = WoutT - hdot(jnp.where(cols[None, :] >= i1 + B, Urows, 0.0).T, Err1)
-    Q = jax.lax.dynamic_update_slice(Q, Q1, (i1, 0))
-    C = jax.lax.dynamic_update_slice(C, C1, (i1, 0))
-    return WoutT, Q, C, loss, params, scales, zeros
-
+  sw = _SweepShape(cfg=cfg, dynamic=dynamic, d_out=d_out, d_in=d_in, n_cols=WT.shape[0], B=B,
+                   S=_sub_block(B, cfg.exact_groups), G=G, n_groups=n_groups)
   zeros_like_WT = jnp.zeros_like(WT)
   p0 = (jnp.ones((d_out,), W.dtype), jnp.zeros((d_out,), W.dtype))
   stats0 = jnp.zeros((n_groups, d_out), W.dtype)
   init = (WT, zeros_like_WT, zeros_like_WT, jnp.zeros((), W.dtype), p0, stats0, stats0)
-  _, QT, CT, loss, _, scales, zeros = jax.lax.fori_loop(0, n_cols // B, block, init)
+  block = lambda b, state: _sweep_block(b, state, Ux, fsT, fzT, sw)
+  _, QT, CT, loss, _, scales, zeros = jax.lax.fori_loop(0, sw.n_cols // B, block, init)
   scales, zeros = (scales.T, zeros.T) if dynamic else (stats0.T, stats0.T)
   return QT[:d_in].T, CT[:d_in].T.astype(jnp.int32), scales, zeros, loss
+
+
+def _sweep_block(b, state, Ux, fsT, fzT, sw: _SweepShape):
+  """Block b (columns [b·B, (b+1)·B)): its sub-blocks, then the lazy batch update of all later
+  columns. WoutT is the outer weight [n_cols, d_out]; Q, C [n_cols, d_out] collect the block."""
+  WoutT, Q, C, loss, params, scales, zeros = state
+  B = sw.B
+  i1 = b * B
+  W1 = jax.lax.dynamic_slice(WoutT, (i1, 0), (B, sw.d_out))
+  U1 = jax.lax.dynamic_slice(Ux, (i1, i1), (B, B))
+  zero_blk = jnp.zeros_like(W1)
+  inner = (W1, zero_blk, zero_blk, zero_blk, loss, params, scales, zeros, WoutT, i1, U1)
+  sub_block = lambda k, st: _sweep_sub_block(k, st, Ux, fsT, fzT, sw)
+  _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _ = jax.lax.fori_loop(
+      0, B // sw.S, sub_block, inner)
+  # Lazy batch update of all later columns: Wᵀ[i2:] −= U[blk, i2:]ᵀ @ Err1.
+  Urows = jax.lax.dynamic_slice(Ux, (i1, 0), (B, sw.n_cols))
+  cols = jnp.arange(sw.n_cols)
+  WoutT = WoutT - hdot(jnp.where(cols[None, :] >= i1 + B, Urows, 0.0).T, Err1)
+  Q = jax.lax.dynamic_update_slice(Q, Q1, (i1, 0))
+  C = jax.lax.dynamic_update_slice(C, C1, (i1, 0))
+  return WoutT, Q, C, loss, params, scales, zeros
+
+
+def _sweep_sub_block(k, state, Ux, fsT, fzT, sw: _SweepShape):
+  """Sub-block k of the block at column i1: its columns, then one matmul updating the block's
+  later columns. W1, Q1, C1, Err1 are the block's [B, d_out] weights, values, codes, errors."""
+  W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1 = state
+  S, B = sw.S, sw.B
+  k0 = k * S
+  W2 = jax.lax.dynamic_slice(W1, (k0, 0), (S, sw.d_out))
+  U2 = jax.lax.dynamic_slice(U1, (k0, k0), (S, S))
+  inner = (W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0)
+  column = lambda i, st: _sweep_column(i, st, Ux, fsT, fzT, sw)
+  _, Q1, C1, Err1, loss, params, scales, zeros, _, _, _, _ = jax.lax.fori_loop(
+      0, S, column, inner)
+  if S < B:
+    # Lazy update of the block's later columns: W1[k0+S:] −= U1[sub, k0+S:]ᵀ @ Err[sub].
+    Err2 = jax.lax.dynamic_slice(Err1, (k0, 0), (S, sw.d_out))
+    Urows = jax.lax.dynamic_slice(U1, (k0, 0), (S, B))
+    W1 = W1 - hdot(jnp.where(jnp.arange(B)[None, :] >= k0 + S, Urows, 0.0).T, Err2)
+  return W1, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U1
+
+
+def _sweep_column(i, state, Ux, fsT, fzT, sw: _SweepShape):
+  """Column i of the sub-block (W2 [S, d_out], U2 [S, S]) starting at block column k0: its
+  parameters, quantization, reference loss and the rank-1 update of the sub-block."""
+  W2, Q1, C1, Err1, loss, params, scales, zeros, WoutT, i1, U2, k0 = state
+  ib = k0 + i  # column of the block
+  j = i1 + ib
+  if sw.dynamic:
+    # exact_groups runs one sub-block per block (S == B), so W2 is the whole block there.
+    params, scales, zeros = _group_params(j, params, scales, zeros, WoutT, W2, Err1, i1, Ux, sw)
+    s, z = params
+  else:
+    s, z = fsT[j], fzT[j]
+  w = W2[i]
+  c = grids.codes_of(w, s, z, sw.cfg.grid.maxq, sw.cfg.grid.flavor)
+  q = grids.dequantize_codes(c, s, z)
+  d = U2[i, i]
+  err = (w - q) / d
+  loss = loss + jnp.sum((w - q) ** 2) / d**2 / 2
+  # Rank-1 update of the sub-block's later columns: W2[i+1:] −= U2[i, i+1:] ⊗ err.
+  W2 = W2 - jnp.where(jnp.arange(sw.S) > i, U2[i], 0.0)[:, None] * err[None, :]
+  return (W2, Q1.at[ib].set(q), C1.at[ib].set(c), Err1.at[ib].set(err), loss, params,
+          scales, zeros, WoutT, i1, U2, k0)
+
+
+def _group_params(j, params, scales, zeros, WoutT, W2, Err1, i1, Ux, sw: _SweepShape):
+  """Dynamic groups: the (scale, zero) [d_out] of column j, fitted anew when j starts a group,
+  and the [n_groups, d_out] scale / zero tables with them written at j's group."""
+  is_start = (j % sw.G == 0) & (j < sw.d_in)
+  params = jax.lax.cond(is_start, lambda: _fit_group(WoutT, W2, Err1, i1, j, Ux, sw),
+                        lambda: params)
+  s, z = params
+  # Parameters are constant within a group, so writing them at every column is exact.
+  gi = jnp.minimum(j // sw.G, sw.n_groups - 1)
+  return params, scales.at[gi].set(s), zeros.at[gi].set(z)
+
+
+def _fit_group(WoutT, W1, Err1, i1, j, Ux, sw: _SweepShape):
+  """(scale, zero) [d_out] of the group starting at column j, fitted on the outer weights
+  WoutT [n_cols, d_out] (exact_groups: with the block's updates, W1 / Err1 [B, d_out])."""
+  cfg, B, G = sw.cfg, sw.B, sw.G
+  Wg = jax.lax.dynamic_slice(WoutT, (j, 0), (G, sw.d_out))
+  if cfg.exact_groups:
+    gcols = j + jnp.arange(G)
+    # Pending in-block updates of later blocks' columns: U[blk, gcols]ᵀ [G, B] @ Err1 [B, d_out].
+    Ublk = jax.lax.dynamic_slice(Ux, (i1, j), (B, G))
+    Wg = Wg - hdot((Ublk * (gcols >= i1 + B)[None, :]).T, Err1)
+    in_blk = (gcols >= i1) & (gcols < i1 + B)
+    W1g = jnp.take(W1, jnp.clip(gcols - i1, 0, B - 1), axis=0)
+    Wg = jnp.where(in_blk[:, None], W1g, Wg)
+  fit = grids.minmax_params if cfg.grid.scale_search == "minmax" else grids.mse_params
+  return fit(Wg.T, cfg.grid)

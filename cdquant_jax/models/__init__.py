@@ -1,8 +1,10 @@
 """Decoder LMs in JAX loading HF (safetensors, sharded, hub) and GGUF checkpoints.
 
 Families: Llama 1/2/3, Mistral, Qwen2, SmolLM, Gemma 1/2/3 (`LlamaLike`), OPT, Falcon.
-Models are frozen dataclasses with a functional API (embed / block / head / forward /
-decode_step / generate); params are plain nested dicts with HF-like names.
+Each family is a flax NNX module tree (modules.py, llama.py, opt.py, falcon.py) whose
+nnx.Params sit at HF-like names; `CausalLM` (a frozen dataclass per family) is the functional
+API over it (embed / block / head / forward / decode_step / generate) on plain nested dict
+params with the same paths (`nnx_module(params)` and `params_of(module)` convert).
 """
 
 # Model API

@@ -1,4 +1,4 @@
-"""Falcon (NNX modules): fused query_key_value linear, rope, parallel attention + MLP, LayerNorm, GELU.
+"""Falcon (NNX modules): fused query_key_value, rope, parallel attention + MLP, LayerNorm, GELU.
 
 The fused linear is applied as one linear (so it is quantized as one matrix); its OUTPUT is
 split into q, k, v according to `config.qkv_layout`:

@@ -1,9 +1,11 @@
-"""Functional building blocks shared by every model: linear, norms, rope, causal attention, cache.
+"""Functional building blocks under the zoo's NNX modules (modules.py): linear, norms, rope,
+causal attention, the KV cache, and the `LinearRecorder` of a block's linear inputs.
 
 Shapes: B batch, T new tokens, S key slots (T without a cache, max_len with one), D hidden,
 H query heads, K key/value heads (H = K * G), Dh head dim, F MLP width, V vocabulary.
 
-Every linear layer of every model is applied by `linear(x, p, options)`, with p the linear's
+Every linear layer of every model is applied by `linear(x, p, options)` (called by
+`modules.Linear`, `modules.Embedding.attend` and `nnx.QuantizedLinear`), with p the linear's
 param dict {"weight": [d_out, d_in], optional "bias": [d_out]} (HF layout). Nothing else in the
 forward pass reads a weight, so a quantized weight container only has to be handled here;
 `LinearOptions` (held by the model) says which packed_matmul kernel runs it.

@@ -6,7 +6,8 @@
   save_quantized_nnx("out/q", result.model)
   model = load_quantized_nnx("out/q", lambda: MyModel(config, rngs=nnx.Rngs(0)))
 
-Modules: `layout` (nnx.Linear / nnx.Einsum as W [d_out, d_in]), `qlinear` (QuantizedLinear),
+Modules: `layout` (nnx.Linear / nnx.Einsum as W [d_out, d_in]), `qlinear` (QuantizedLinear; it
+also replaces the zoo's `models.modules.Linear`, so `model.nnx_module(params)` quantizes too),
 `graph` (paths, blocks, linears), `calibrate` (quantize_nnx), `checkpoint` (orbax save/load).
 """
 

@@ -4,7 +4,8 @@ Directory layout:
   <dir>/state/            orbax StandardCheckpointer of `nnx.state(model)` (every variable:
                           params, QuantArray codes/stats, biases)
   <dir>/quantized.json    {"format_version", "linears": [{path, meta (QuantMeta fields),
-                          layout (EinsumLayout), bias_dtype, dtype, options}]}
+                          layout (EinsumLayout), bias_dtype, dtype, options, linear_path
+                          (a zoo Linear's path in its block; absent in older saves)}]}
 
 Loading follows the flax NNX checkpointing guide: the user's constructor builds the
 unquantized model under `nnx.eval_shape` (no memory), the JSON turns the listed linears into
@@ -39,7 +40,8 @@ def _entry(path: graph.Path, module: QuantizedLinear) -> dict:
   dtype = None if module.dtype is None else np.dtype(module.dtype).name
   return {"path": list(path), "meta": dataclasses.asdict(module.meta),
           "layout": module.layout.to_dict(), "bias_dtype": bias_dtype_name(module),
-          "dtype": dtype, "options": dataclasses.asdict(module.options)}
+          "dtype": dtype, "options": dataclasses.asdict(module.options),
+          "linear_path": list(module.path)}
 
 
 def quantized_linears(model: nnx.Module) -> list[tuple[graph.Path, QuantizedLinear]]:
@@ -64,7 +66,8 @@ def _placeholder(entry: dict) -> QuantizedLinear:
   meta.validate()
   return QuantizedLinear.placeholder(meta, EinsumLayout.from_dict(entry["layout"]),
                                      entry["bias_dtype"], dtype=entry["dtype"],
-                                     options=LinearOptions(**entry["options"]))
+                                     options=LinearOptions(**entry["options"]),
+                                     path=tuple(entry.get("linear_path", ())))
 
 
 def read_entries(directory: str | os.PathLike) -> list[dict]:

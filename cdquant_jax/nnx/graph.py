@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from flax import nnx
 
-from cdquant_jax.nnx.qlinear import SUPPORTED, QuantizedLinear
+from cdquant_jax.nnx.qlinear import SUPPORTED, is_quantized
 
 Path = tuple[Any, ...]
 BlocksSpec = str | Callable[[nnx.Module], Sequence[nnx.Module]]
@@ -82,4 +82,4 @@ def find_blocks(model: nnx.Module, blocks: BlocksSpec) -> list[tuple[Path, nnx.M
 def find_linears(block: nnx.Module) -> list[Path]:
   """Paths (relative to the block) of its supported, not yet quantized linears."""
   return [p for p, m in modules(block)
-          if p and isinstance(m, SUPPORTED) and not isinstance(m, QuantizedLinear)]
+          if p and isinstance(m, SUPPORTED) and not is_quantized(m)]

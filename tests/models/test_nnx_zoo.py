@@ -56,7 +56,7 @@ def test_module_is_nnx_with_the_dict_param_paths(name):
   assert len(module.layers) == model.num_layers
   assert all(isinstance(block, nnx.Module) for block in module.layers)
   state = _state_paths(nnx.state(module))
-  assert all(type(var) is nnx.Param for var in state.values())  # pylint: disable=unidiomatic-typecheck
+  assert all(isinstance(var, nnx.Param) for var in state.values())
   want = flat_paths(params)
   assert set(state) == set(want)
   for path, leaf in want.items():

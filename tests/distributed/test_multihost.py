@@ -1,0 +1,97 @@
+"""Two processes on localhost (`jax.distributed`, gloo CPU collectives, 2 CPU devices each)
+quantize a tiny Llama on a mesh over both processes' 4 devices: the result equals the
+one-process, one-device run bit for bit, only process 0 writes, and the logs name the process;
+stopping both after block 0 and restarting them with resume gives the same result again."""
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cdquant_jax.config import ConfigError
+from cdquant_jax.distributed import multihost
+from cdquant_jax.models import registry
+from cdquant_jax.pipeline import export
+from cdquant_jax.pipeline.config import run_config_from_dict
+from cdquant_jax.pipeline.sequential import quantize_loaded
+from cdquant_jax.quant import serialize
+from tests.distributed.multidevice import run_processes
+from tests.distributed.workers.pipeline_worker import TINY
+
+# data 2 x model 2 over 2 processes x 2 devices: each process holds one data row (its half of
+# every calibration batch) and splits each solve's rows over its own 2 devices.
+MESH = "data=2,model=2"
+
+
+def packed_sha(qweights) -> str:
+  """sha256 over every packed array (as the worker prints it)."""
+  digest = hashlib.sha256()
+  for name in sorted(qweights):
+    for key, value in sorted(vars(qweights[name]).items()):
+      if isinstance(value, jax.Array):
+        digest.update(f"{name}.{key}".encode() + np.asarray(value).tobytes())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """The reference: this process, one device, no mesh (the worker's model and data)."""
+  model = registry.model_from_hf_config(TINY)
+  params = jax.device_get(model.init_params(jax.random.key(0), scale=0.3))
+  ids = np.asarray(jax.random.randint(jax.random.key(1), (10, 16), 0, 61), np.int32)
+  cfg = run_config_from_dict({
+      "output_dir": str(tmp_path_factory.mktemp("one")), "checkpoint": "none",
+      "forward_batch_size": 4, "quant": {"method": "gptq", "knobs": {"bits": 3, "group_size": 16}},
+      "calibration": {"nsamples": len(ids), "seqlen": ids.shape[1]}})
+  return quantize_loaded(cfg, model, params, ids, progress=False)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  """One compilation cache for every launch here (the programs are the same)."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def shas(outputs: list[str]) -> list[str]:
+  return [line.split()[-1] for out in outputs for line in out.splitlines()
+          if "packed sha256" in line]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, one_process, jax_cache):
+  outputs = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, jax_cache=jax_cache)
+  assert shas(outputs) == [packed_sha(one_process.qweights)] * 2
+  for k, out in enumerate(outputs):
+    assert f"[process {k}/2] joined" in out
+  written = serialize.load_quantized(os.path.join(tmp_path, "run", export.QUANTIZED_FILE))
+  assert packed_sha(written) == packed_sha(one_process.qweights)
+  assert os.listdir(tmp_path / "run1") == []  # process 1's own output_dir (the worker checks)
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_processes_equal_one_process(tmp_path, one_process, jax_cache):
+  stopped = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "stop",
+                          jax_cache=jax_cache)
+  assert all("stopped after block 0" in out for out in stopped)
+  assert os.path.exists(tmp_path / "run" / "checkpoint" / "state.json")
+  resumed = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "resume",
+                          jax_cache=jax_cache)
+  assert shas(resumed) == [packed_sha(one_process.qweights)] * 2
+  assert "resuming" in resumed[0]
+
+
+def test_process_group_from_flags_and_environment():
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert multihost.ProcessGroup.from_env(env) == multihost.ProcessGroup(
+      coordinator="10.0.0.1:1234", num_processes=4, process_id=3)
+  flags = multihost.ProcessGroup.from_env(env, process_id=1)  # a flag wins over the env
+  assert flags.process_id == 1 and flags.num_processes == 4
+  assert not multihost.ProcessGroup.from_env({}).requested
+  assert not multihost.initialize(multihost.ProcessGroup())  # single process: nothing done
+  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES must be a non-negative integer"):
+    multihost.ProcessGroup.from_env({"JAX_NUM_PROCESSES": "two"})
+  with pytest.raises(ConfigError, match="process_id=2 must be below num_processes=2"):
+    multihost.ProcessGroup(num_processes=2, process_id=2)

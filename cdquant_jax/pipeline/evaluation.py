@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import jax
 import numpy as np
 
 from cdquant_jax import data
 from cdquant_jax.eval.perplexity import perplexity_from_nll
-from cdquant_jax.pipeline import capture, weights
+from cdquant_jax.pipeline import capture, memory, weights
 from cdquant_jax.pipeline.config import EvalSettings, check_token_hash
 
 
@@ -30,9 +32,27 @@ def model_perplexity(model, params, ids, *, seqlen: int, batch_size: int,
   if jax.default_backend() != "cpu":
     params = ({**jax.device_put(weights.outer(params)), "layers": params["layers"]}
               if weights.is_lazy(params) else jax.device_put(params))
-  result = perplexity_from_nll(capture.block_nll_fn(model, params), ids, seqlen=seqlen,
-                               batch_size=batch_size, progress=progress)
+  nll = capture.block_nll_fn(model, params)
+  if weights.is_lazy(params):
+    nll = _releasing(nll)
+  result = perplexity_from_nll(nll, ids, seqlen=seqlen, batch_size=batch_size,
+                               progress=progress)
   return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
+
+
+def _releasing(nll):
+  """nll (ids [B, T] -> [B]), then the memory its batch freed returned to the OS.
+
+  With lazy params every batch reads (and frees) every block; glibc keeps the freed copies
+  (`memory.release_freed`). On SmolLM2 (2 windows of 512 a batch) the RSS after each batch
+  rose 440 -> 750 MiB over 5 batches without this, stayed at 406 MiB with a collection and a
+  trim (a trim alone: 414 -> 507 MiB)."""
+  def call(ids):
+    out = jax.block_until_ready(nll(ids))
+    gc.collect()
+    memory.release_freed()
+    return out
+  return call
 
 
 def evaluate_sources(settings: EvalSettings, model, params, tokenizer, *, default_seqlen: int,

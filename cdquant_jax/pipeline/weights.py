@@ -32,7 +32,7 @@ from cdquant_jax import config as config_lib
 from cdquant_jax.models import registry
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.models.params import flat_paths, insert_path
-from cdquant_jax.pipeline import checkpoint, export
+from cdquant_jax.pipeline import checkpoint, export, memory
 from cdquant_jax.quant.qweight import QuantizedWeight
 
 Params = dict[str, Any]
@@ -93,7 +93,12 @@ class BlockReader:
 
   def block(self, i: int, skip: frozenset = frozenset()) -> Params:
     """Block i's params (nested dict, as params["layers"][i] of `registry.load_model`) but the
-    leaves whose in-block paths are in `skip`, read now one tensor at a time."""
+    leaves whose in-block paths are in `skip`, read now one tensor at a time.
+
+    The memory the blocks read before freed is returned to the OS first (`memory.
+    release_freed`): each read allocates a block's size anew, and glibc would keep the freed
+    copies (SmolLM2's evaluation batch peaked ~120 MiB higher without it)."""
+    memory.release_freed()
     out: Params = {}
     for path, name in self._blocks[i].items():
       if path not in skip:

@@ -380,52 +380,80 @@ def pack_result(result, *, allow_lossy_outliers: bool = False) -> QuantizedWeigh
   Raises:
     ValueError: naming the field/position when the result cannot be stored exactly.
   """
-  method = result.method
+  method, grid = result.method, result.grid
   Q = np.asarray(result.Q, np.float32)
   codes = np.asarray(result.codes)
-  d_out, d_in = Q.shape
-  grid, stats = result.grid, result.spqr
-  if codes.shape != Q.shape:
-    raise ValueError(f"codes shape {codes.shape} != Q shape {Q.shape}")
-  if codes.min() < 0 or codes.max() > grid.maxq:
-    raise ValueError(f"codes outside [0, {grid.maxq}]: [{codes.min()}, {codes.max()}]")
+  _check_codes(codes, Q.shape, grid.maxq)
   n_groups = int(grid.scale.shape[1])
   G, perm = storage_order(np.asarray(grid.group_index), n_groups)
-  if stats is not None and stats.groupsize != G:
-    raise ValueError(f"spqr.groupsize={stats.groupsize} but the grid's groups have {G} columns")
-  k_pad = packing.padded_rows(d_in)
-  n_groups_pad = -(-k_pad // G)
-  order = np.arange(d_in) if perm is None else perm
-  fields, formats, qq_dtype = _stat_fields(grid, stats, d_out, n_groups_pad)
-  fields["codes"] = packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), result.bits)
-  qq_bits = {w: stats.bits(w) if formats[w] == "qq" else 0 for w in ("scale", "zero")}
-  meta = QuantMeta(method=method, bits=result.bits, group_size=G, flavor=grid.flavor.value,
-                   sym=grid.sym, d_out=d_out, d_in=d_in, k_pad=k_pad, n_groups=n_groups,
-                   n_groups_pad=n_groups_pad, scale_format=formats["scale"],
-                   zero_format=formats["zero"],
-                   qq_groupsize=stats.qq_groupsize if any(qq_bits.values()) else 0,
-                   qq_scale_bits=qq_bits["scale"], qq_zero_bits=qq_bits["zero"],
-                   qq_dtype=qq_dtype, round_zero=grid.round_zero, has_perm=perm is not None)
-  meta.validate()
-  qw = QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
-                       perm=None if perm is None else jnp.asarray(perm), meta=meta)
+  if result.spqr is not None and result.spqr.groupsize != G:
+    raise ValueError(f"spqr.groupsize={result.spqr.groupsize} but the grid's groups have {G} "
+                     "columns")
+  qw = _pack_dense(result, codes, G, perm)
   stats, dense = _dense_parts(qw)
-  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
-    stored = np.asarray(stats[which])[:n_groups].T  # [d_out, n_groups]
-    values = np.asarray(values, np.float32)
-    bad = _first_mismatch(stored, values)
-    if bad.any():
-      _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored, values)
+  _check_stored_stats(stats, grid, n_groups, method)
   W = np.array(dense)  # becomes dequantize(qw) in numpy: dense + f32(outlier values)
   mask = np.asarray(result.outlier_mask, bool)
   if mask.any():
-    csr = _outliers(Q, W, mask, method, allow_lossy_outliers)
-    qw = dataclasses.replace(qw, **{k: jnp.asarray(v) for k, v in csr.items()},
-                             meta=dataclasses.replace(meta, nnz=int(mask.sum())))
-    W[np.nonzero(mask)] += csr["outlier_values"].astype(np.float32)
+    qw = _add_outliers(qw, Q, W, mask, method, allow_lossy_outliers)
   bad = _first_mismatch(W, Q)
   if allow_lossy_outliers:
     bad &= ~mask
   if bad.any():
     _raise_mismatch(f"pack_result({method}): dequantized weight differs from result.Q", bad, W, Q)
   return qw
+
+
+def _check_codes(codes: np.ndarray, shape: tuple[int, int], maxq: int) -> None:
+  """Raises ValueError unless the codes have the weight's shape and lie in [0, maxq]."""
+  if codes.shape != shape:
+    raise ValueError(f"codes shape {codes.shape} != Q shape {shape}")
+  if codes.min() < 0 or codes.max() > maxq:
+    raise ValueError(f"codes outside [0, {maxq}]: [{codes.min()}, {codes.max()}]")
+
+
+def _pack_dense(result, codes: np.ndarray, G: int, perm: np.ndarray | None) -> QuantizedWeight:
+  """The container of the result's codes [d_out, d_in] and statistics, without outliers.
+
+  G is the group size and perm the storage order of the columns (None: the identity).
+  """
+  grid, stats = result.grid, result.spqr
+  d_out, d_in = codes.shape
+  k_pad = packing.padded_rows(d_in)
+  n_groups_pad = -(-k_pad // G)
+  order = np.arange(d_in) if perm is None else perm
+  fields, formats, qq_dtype = _stat_fields(grid, stats, d_out, n_groups_pad)
+  # [d_out, d_in] -> [k_pad, d_out] codes in storage order, packed along the input axis.
+  fields["codes"] = packing.pack_codes(_pad_rows(codes[:, order].T, k_pad), result.bits)
+  qq_bits = {w: stats.bits(w) if formats[w] == "qq" else 0 for w in ("scale", "zero")}
+  meta = QuantMeta(method=result.method, bits=result.bits, group_size=G,
+                   flavor=grid.flavor.value, sym=grid.sym, d_out=d_out, d_in=d_in, k_pad=k_pad,
+                   n_groups=int(grid.scale.shape[1]), n_groups_pad=n_groups_pad,
+                   scale_format=formats["scale"], zero_format=formats["zero"],
+                   qq_groupsize=stats.qq_groupsize if any(qq_bits.values()) else 0,
+                   qq_scale_bits=qq_bits["scale"], qq_zero_bits=qq_bits["zero"],
+                   qq_dtype=qq_dtype, round_zero=grid.round_zero, has_perm=perm is not None)
+  meta.validate()
+  return QuantizedWeight(**{k: jnp.asarray(v) for k, v in fields.items()},
+                         perm=None if perm is None else jnp.asarray(perm), meta=meta)
+
+
+def _check_stored_stats(stats: dict[str, jax.Array], grid, n_groups: int, method: str) -> None:
+  """Raises ValueError unless the stored first-level statistics (`_dense_parts`) equal the
+  grid's scale / zero [d_out, n_groups]."""
+  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
+    stored = np.asarray(stats[which])[:n_groups].T  # [d_out, n_groups]
+    values = np.asarray(values, np.float32)
+    bad = _first_mismatch(stored, values)
+    if bad.any():
+      _raise_mismatch(f"pack_result({method}): stored grid.{which} differs", bad, stored, values)
+
+
+def _add_outliers(qw: QuantizedWeight, Q: np.ndarray, W: np.ndarray, mask: np.ndarray,
+                  method: str, allow_lossy: bool) -> QuantizedWeight:
+  """`qw` with the outliers at `mask` [d_out, d_in] stored as CSR float16 corrections of the
+  dense weight W; adds them to W in place (W becomes dequantize(qw))."""
+  csr = _outliers(Q, W, mask, method, allow_lossy)
+  W[np.nonzero(mask)] += csr["outlier_values"].astype(np.float32)
+  return dataclasses.replace(qw, **{k: jnp.asarray(v) for k, v in csr.items()},
+                             meta=dataclasses.replace(qw.meta, nnz=int(mask.sum())))

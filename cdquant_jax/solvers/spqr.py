@@ -215,38 +215,14 @@ def _sweep_block(i, carry, U, u, tau_abs, sw: _Sweep):
   B, g = sw.blocksize, sw.groupsize
   b = i * B
   if g > B:  # a group spans whole blocks: fit at the first block of each group
-    def fit_here():
-      return _fit(jax.lax.dynamic_slice(WT, (b, 0), (g, d_out)).T,
-                  jax.lax.dynamic_slice(u, (b,), (g,)), tau_abs, sw)
-    stats = jax.lax.cond(b % g == 0, fit_here, lambda: stats)
-    tables = _store(tables, stats, b // g)
+    stats, tables = _fit_spanning_group(WT, u, b, stats, tables, tau_abs, sw)
   seg = min(g, B)
   Wb = jax.lax.dynamic_slice(WT, (b, 0), (B, d_out))
   Ub = jax.lax.dynamic_slice(U, (b, b), (B, B))
   ub = jax.lax.dynamic_slice(u, (b,), (B,))
-  cols = jnp.arange(B)
-
-  def column(j, c):
-    Wb, Eb, Cb, Mb, stats = c
-    q, code, is_out, e = _quantize_column(Wb[j], ub[j], stats, tau_abs, sw)
-    # In-block update of the later columns: W[:, j+1:] −= e ⊗ U[j, j+1:] (transposed).
-    Wb = Wb - jnp.where(cols > j, Ub[j], 0.0)[:, None] * e[None, :]
-    Wb = Wb.at[j].set(q)
-    return Wb, Eb.at[j].set(e), Cb.at[j].set(code), Mb.at[j].set(is_out), stats
-
-  def segment(s, c):
-    Wb, Eb, Cb, Mb, stats, tables = c
-    c0 = s * seg
-    if g <= B:
-      stats = _fit(jax.lax.dynamic_slice(Wb, (c0, 0), (g, d_out)).T,
-                   jax.lax.dynamic_slice(ub, (c0,), (g,)), tau_abs, sw)
-      tables = _store(tables, stats, (b + c0) // g)
-    Wb, Eb, Cb, Mb, stats = jax.lax.fori_loop(
-        c0, c0 + seg, column, (Wb, Eb, Cb, Mb, stats))
-    return Wb, Eb, Cb, Mb, stats, tables
-
   init = (Wb, jnp.zeros_like(Wb), jnp.zeros((B, d_out), jnp.int32), jnp.zeros((B, d_out), bool),
           stats, tables)
+  segment = lambda s, c: _sweep_segment(s, c, b, Ub, ub, tau_abs, sw)
   Wb, Eb, Cb, Mb, stats, tables = jax.lax.fori_loop(0, B // seg, segment, init)
   # Lazy update of the columns after the block: W[:, b+B:] −= E_blk @ U[blk, b+B:], i.e.
   # WT[b+B:] −= U[blk, b+B:]ᵀ @ E_blkᵀ: [D, B] @ [B, d_out], masked to the later rows.
@@ -257,6 +233,47 @@ def _sweep_block(i, carry, U, u, tau_abs, sw: _Sweep):
   codes = jax.lax.dynamic_update_slice(codes, Cb, (b, 0))
   mask = jax.lax.dynamic_update_slice(mask, Mb, (b, 0))
   return WT, codes, mask, stats, tables
+
+
+def _fit_spanning_group(WT, u, b, stats: GroupStats, tables: GroupStats, tau_abs, sw: _Sweep):
+  """Groups longer than a block: the statistics of the group of block column b, fitted on the
+  group's updated weights WT[b:b+g] when b starts it (else kept), and written to its table row."""
+  g, d_out = sw.groupsize, WT.shape[1]
+
+  def fit_here():
+    return _fit(jax.lax.dynamic_slice(WT, (b, 0), (g, d_out)).T,
+                jax.lax.dynamic_slice(u, (b,), (g,)), tau_abs, sw)
+  stats = jax.lax.cond(b % g == 0, fit_here, lambda: stats)
+  return stats, _store(tables, stats, b // g)
+
+
+def _sweep_segment(s, c, b, Ub, ub, tau_abs, sw: _Sweep):
+  """Segment s (min(g, B) columns) of the block at column b: the group statistics at its start
+  (groups within a block), then its columns. Wb, Eb, Cb, Mb are the block's [B, d_out] weights,
+  scaled errors, codes and outlier flags; Ub [B, B], ub [B] its part of U and diag U."""
+  Wb, Eb, Cb, Mb, stats, tables = c
+  B, g = sw.blocksize, sw.groupsize
+  seg = min(g, B)
+  c0 = s * seg
+  if g <= B:
+    stats = _fit(jax.lax.dynamic_slice(Wb, (c0, 0), (g, Wb.shape[1])).T,
+                 jax.lax.dynamic_slice(ub, (c0,), (g,)), tau_abs, sw)
+    tables = _store(tables, stats, (b + c0) // g)
+  column = lambda j, cc: _sweep_column(j, cc, Ub, ub, tau_abs, sw)
+  Wb, Eb, Cb, Mb, stats = jax.lax.fori_loop(c0, c0 + seg, column, (Wb, Eb, Cb, Mb, stats))
+  return Wb, Eb, Cb, Mb, stats, tables
+
+
+def _sweep_column(j, c, Ub, ub, tau_abs, sw: _Sweep):
+  """Block column j: quantized (or kept as an outlier), its scaled error recorded and propagated
+  to the block's later columns."""
+  Wb, Eb, Cb, Mb, stats = c
+  q, code, is_out, e = _quantize_column(Wb[j], ub[j], stats, tau_abs, sw)
+  # In-block update of the later columns: W[:, j+1:] −= e ⊗ U[j, j+1:] (transposed).
+  cols = jnp.arange(sw.blocksize)
+  Wb = Wb - jnp.where(cols > j, Ub[j], 0.0)[:, None] * e[None, :]
+  Wb = Wb.at[j].set(q)
+  return Wb, Eb.at[j].set(e), Cb.at[j].set(code), Mb.at[j].set(is_out), stats
 
 
 @functools.partial(jax.jit, static_argnames=("sw",))

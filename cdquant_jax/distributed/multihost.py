@@ -78,7 +78,8 @@ def initialize(group: ProcessGroup) -> bool:
   asks for several processes. Must run before the first JAX computation."""
   if not group.requested:
     return False
-  if jax.config.jax_cpu_collectives_implementation is None:
+  # gloo is the default on JAX 0.10; set it where a version leaves CPU collectives off.
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=group.coordinator,
                              num_processes=group.num_processes, process_id=group.process_id)

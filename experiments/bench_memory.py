@@ -7,8 +7,9 @@ alone. Parts (--parts, comma separated; all by default):
   fixed    the JAX runtime's fixed overhead: RSS after one empty jitted program, with the
            pipeline's modules imported (the F term of the budget);
   smollm2  SmolLM2-135M GPTQ w3g64, 32 x 256 calibration tokens, f32 weights, baseline and
-           quantized perplexity on 16 x 512 tokens (configs/demo/gptq_w3g64.yaml), then the
-           memory options on the same run without evaluation;
+           quantized perplexity on 16 x 512 tokens (configs/demo/gptq_w3g64.yaml): as it is,
+           with `weights: disk`, and twice from one persistent compile cache (first cold,
+           then warm); then the memory options on the same run without evaluation;
   llama7b  one Llama-2-7B-shaped block (hidden 4096, intermediate 11008, 32 heads, random
            weights, vocabulary 256): the budget at 128 x 2048 tokens computed from the
            compiled programs' memory_analysis (not run: ~100 Tflop a block forward), and the
@@ -16,6 +17,9 @@ alone. Parts (--parts, comma separated; all by default):
            of that run.
 
     python experiments/bench_memory.py --out experiments/results/bench_memory.md
+    # only some SmolLM2 rows, merged into the results already in bench_memory.json:
+    python experiments/bench_memory.py --parts smollm2 --rows "weights=disk" "demo, weights=disk" \
+        --out experiments/results/bench_memory.md
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "gptq_w3g64.yaml")
 LLAMA7B_BLOCK = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
                  "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 32,
                  "vocab_size": 256, "max_position_embeddings": 4096}
+# SmolLM2 demo runs (with evaluation): (name, --set overrides, compile cache: None = no
+# persistent cache, "cold" = a new empty one, "warm" = the one the "cold" row filled).
+DEMO = "demo (with evaluation)"
+SMOLLM2_DEMOS = (
+    (DEMO, [], None),
+    ("demo, weights=disk", ["weights=disk"], None),
+    ("demo, compile cache cold", [], "cold"),
+    ("demo, compile cache warm", [], "warm"),
+)
 # SmolLM2 options: (name, --set overrides), each on the run without evaluation.
 FIRST_BLOCKS = r"quant.include=['^layers\.[012]\.']"  # the others only propagate
 SMOLLM2_OPTIONS = (  # each with FIRST_BLOCKS
@@ -44,6 +57,7 @@ SMOLLM2_OPTIONS = (  # each with FIRST_BLOCKS
     ("activations=disk", ["activations=disk"]),
     ("activation_dtype=bfloat16", ["activations=host", "activation_dtype=bfloat16"]),
     ("keep_linear_inputs=false", ["keep_linear_inputs=false"]),
+    ("weights=disk", ["weights=disk"]),
 )
 
 
@@ -62,7 +76,8 @@ def budget_terms(*, fixed: int, weights: int, block_params: int, tokens: int, hi
 
   Args:
     fixed: F, the runtime's RSS after an empty jitted program.
-    weights: W, every parameter in its stored dtype (resident on the host).
+    weights: W, the resident parameters in their stored dtype: every one (`weights: host`),
+      or the outer ones and the packed quantized blocks (`weights: disk`).
     block_params: P, one block's params (the device copy and the written-back block: 2 P).
     tokens: N·T calibration tokens; hidden: D; act_bytes: bytes per stored activation value.
     kept_widths: d_in of each distinct linear input of a block (kept with keep).
@@ -157,9 +172,13 @@ def _solve_shapes(model, layer_params) -> list[tuple[int, int]]:
   return sorted(set(shapes))
 
 
-def child_smollm2(overrides: list[str], fixed_mib: float) -> dict:
-  from cdquant_jax import runtime  # pylint: disable=import-outside-toplevel
+def child_smollm2(overrides: list[str], fixed_mib: float, jax_cache: str | None = None) -> dict:
+  """The SmolLM2 run with `overrides` (and the persistent compile cache at jax_cache)."""
+  from cdquant_jax import compilation, runtime  # pylint: disable=import-outside-toplevel
   runtime.configure()
+  if jax_cache is not None:
+    compilation.enable_persistent_cache(jax_cache)
+  stats = compilation.CompileStats()
   from cdquant_jax.pipeline import config, memory, sequential  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as out:
     run = config.load_run_config(DEMO_CONFIG, overrides + [f"output_dir={out}"])
@@ -174,8 +193,12 @@ def child_smollm2(overrides: list[str], fixed_mib: float) -> dict:
   work = _work_bytes(model, layer, run.forward_batch_size, run.calibration.seqlen,
                      _solve_shapes(model, layer), eval_batch, shapes)
   c = run.calibration
+  summary = metrics["summary"]
+  resident = _bytes(shapes) if run.weights == "host" else (
+      _bytes({k: v for k, v in shapes.items() if k != "layers"})
+      + int(summary["params_quantized"] * summary["bits_stored"] / 8))
   terms = budget_terms(
-      fixed=int(fixed_mib * MIB), weights=_bytes(shapes), block_params=_bytes(layer),
+      fixed=int(fixed_mib * MIB), weights=resident, block_params=_bytes(layer),
       tokens=c.nsamples * c.seqlen, hidden=model.config.hidden_size, kept_widths=kept,
       hessian_widths=groups, act_bytes=2 if run.activation_dtype in ("bfloat16", "float16") else 4,
       where=run.activations, batch_tokens=run.forward_batch_size * c.seqlen,
@@ -187,7 +210,8 @@ def child_smollm2(overrides: list[str], fixed_mib: float) -> dict:
               block_buffers=metrics["memory"]["blocks"][0]["buffers_bytes"],
               budget=terms, work=work, seconds=metrics["timing"]["quantize_seconds"],
               objective=metrics["summary"]["objective_sum"],
-              ppl=metrics.get("perplexity", {}).get("bundled", {}).get("ppl"))
+              ppl=metrics.get("perplexity", {}).get("bundled", {}).get("ppl"),
+              compile=stats.report(), timing=metrics["timing"])
 
 
 def _smollm2_hf_config() -> dict:
@@ -248,6 +272,7 @@ def child_llama7b(windows: int, seqlen: int, overrides: list[str], fixed_mib: fl
 def run_child(spec: dict) -> dict:
   env = {**os.environ, "PYTHONPATH": ROOT}
   start = time.perf_counter()
+  before = load_avg()
   proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                         capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -255,6 +280,7 @@ def run_child(spec: dict) -> dict:
     return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   result["wall_seconds"] = round(time.perf_counter() - start, 1)
+  result["load_avg_before"] = before
   result["load_avg_after"] = load_avg()
   print(json.dumps({"spec": spec, **result}), flush=True)
   return result
@@ -303,23 +329,42 @@ def report(results: dict, args) -> str:
     rows = results["smollm2"]
     out += ["## SmolLM2-135M, GPTQ w3g64, 32 x 256 calibration tokens, f32 weights", "",
             "Peak RSS (MiB) of the whole process (ru_maxrss) and of each phase (sampled every "
-            "10 ms). The first row is the demo run with baseline and quantized perplexity on "
-            "16 x 512 tokens; the option rows are the same run without evaluation, quantizing the "
-            "first 3 blocks (the other 27 only propagate). Phases are those of "
-            "metrics.json's timing (nan: not in that run).", ""]
+            "10 ms). The demo rows are the demo run with baseline and quantized perplexity on "
+            "16 x 512 tokens: as it is (no persistent compile cache), with `weights: disk`, and "
+            "twice on one persistent compile cache, first empty (cold: it compiles and writes "
+            "every program), then filled (warm: it loads them); the option rows are the same "
+            "run without evaluation, quantizing the first 3 blocks (the other 27 only "
+            "propagate). Phases are those of metrics.json's timing (nan: not in that run).", ""]
     out += phase_table(rows) + [""]
-    out += ["Budget of the first row (README formula):", ""]
-    out += budget_table(rows[0][1]["budget"]) + [""]
+    by_name = dict(rows)
+    for name in (DEMO, "demo, weights=disk"):
+      if name in by_name and "budget" in by_name[name]:
+        out += [f"Budget of {name} (README formula):", ""]
+        out += budget_table(by_name[name]["budget"]) + [""]
     out += ["Largest programs (temporaries + outputs, MiB, memory_analysis): " + ", ".join(
         f"{k} {_mib(v)}" for k, v in rows[0][1]["work"].items()), ""]
-    out += ["| run | objective (sum) | quantize s | dominant buffer of block 0 | its MiB |",
-            "|---|---:|---:|---|---:|"]
+    out += ["Compile: seconds of tracing, lowering and XLA compiling (or loading from the "
+            "persistent cache) in the run, programs built / loaded from the cache (- : not "
+            "recorded then). Load: the 1/5/15-minute load averages before / after the run.", ""]
+    out += ["| run | objective (sum) | ppl | quantize s | eval s (baseline + final) | compile s "
+            "| programs built / cached | dominant buffer of block 0 | its MiB | load before "
+            "| load after |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for name, r in rows:
       if "error" in r:
         continue
       dom = r["block_dominant"]
-      out.append(f"| {name} | {r['objective']:.6g} | {r['seconds']:.0f} | {dom} | "
-                 f"{r['block_buffers'][dom] / MIB:.1f} |")
+      c = r.get("compile")
+      compiled = (f"{c['compile_seconds']:.0f} | {c['programs_compiled']} / {c['cache_hits']}"
+                  if c else "- | -")
+      ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "-"
+      t = r.get("timing", {})
+      evals = (f"{t['baseline_eval_seconds']:.0f} + {t['eval_seconds']:.0f}"
+               if "eval_seconds" in t and "baseline_eval_seconds" in t else "-")
+      out.append(f"| {name} | {r['objective']:.6g} | {ppl} | {r['seconds']:.0f} | {evals} | "
+                 f"{compiled} | "
+                 f"{dom} | {r['block_buffers'][dom] / MIB:.1f} | "
+                 f"{r.get('load_avg_before', '-')} | {r.get('load_avg_after', '-')} |")
     out.append("")
   if "llama7b" in results:
     out += ["## One Llama-2-7B-shaped block (random weights)", ""]
@@ -341,11 +386,57 @@ def report(results: dict, args) -> str:
   return "\n".join(out) + "\n"
 
 
+def smollm2_rows() -> list[tuple[str, dict]]:
+  """(name, child spec without fixed_mib) of every SmolLM2 row, in the report's order."""
+  rows = [(name, {"kind": "smollm2", "overrides": overrides, "jax_cache": cache})
+          for name, overrides, cache in SMOLLM2_DEMOS]
+  rows += [(name, {"kind": "smollm2", "overrides": overrides + ["eval.sources=[]", FIRST_BLOCKS]})
+           for name, overrides in SMOLLM2_OPTIONS]
+  return rows
+
+
+def run_smollm2(fixed: float, names: list[str] | None, kept: dict) -> list:
+  """[(name, result)] of the SmolLM2 rows: those in `names` run (all when None), the others
+  taken from `kept` (earlier results by name) when there. A "warm" row runs right after its
+  "cold" one, on the cache that one filled (so both are run together)."""
+  known = [name for name, _ in smollm2_rows()]
+  unknown = sorted(set(names or []) - set(known))
+  if unknown:
+    raise SystemExit(f"--rows: unknown {unknown}; known: {known}")
+  out, ran = [], set()
+  with tempfile.TemporaryDirectory(prefix="jax_cache_") as cache:
+    for name, spec in smollm2_rows():
+      if names is not None and name not in names:
+        if name in kept:
+          out.append((name, kept[name]))
+        continue
+      if spec.get("jax_cache") == "warm" and "cold" not in ran:
+        raise SystemExit(f"--rows: {name!r} needs the cold-cache row in the same invocation")
+      ran.add(spec.get("jax_cache"))
+      spec = {**spec, "fixed_mib": fixed,
+              "jax_cache": cache if spec.get("jax_cache") else None}
+      out.append((name, run_child(spec)))
+  return out
+
+
+def _previous(out_path: str | None) -> dict:
+  """The results JSON beside out_path (bench_memory.json), {} when absent."""
+  path = os.path.splitext(out_path)[0] + ".json" if out_path else None
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--parts", default=",".join(PARTS))
   p.add_argument("--out", help="Markdown report path")
   p.add_argument("--llama-tokens", type=int, default=2, help="windows of 2048 actually run")
+  p.add_argument("--rows", nargs="+", help="SmolLM2 row names to run (the others, and F, are "
+                 "kept from the JSON beside --out)")
+  p.add_argument("--render", action="store_true",
+                 help="only write --out again from the JSON beside it")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
@@ -355,17 +446,18 @@ def main(argv=None) -> int:
         **spec)
     print(json.dumps(result))
     return 0
+  if args.render:
+    _write(report(_previous(args.out), args), args.out, None)
+    return 0
   parts = args.parts.split(",")
-  results: dict = {"load_avg_before": load_avg()}
-  results["fixed"] = run_child({"kind": "fixed"})
+  previous = _previous(args.out) if args.rows else {}
+  results: dict = {**previous, "load_avg_before": load_avg()}
+  if "fixed" not in previous:
+    results["fixed"] = run_child({"kind": "fixed"})
   fixed = results["fixed"]["fixed_mib"]
   if "smollm2" in parts:
-    results["smollm2"] = [("demo (with evaluation)", run_child(
-        {"kind": "smollm2", "overrides": [], "fixed_mib": fixed}))]
-    for name, overrides in SMOLLM2_OPTIONS:
-      results["smollm2"].append((name, run_child(
-          {"kind": "smollm2", "overrides": overrides + ["eval.sources=[]", FIRST_BLOCKS],
-           "fixed_mib": fixed})))
+    results["smollm2"] = run_smollm2(fixed, args.rows,
+                                     dict(previous.get("smollm2", [])))
   if "llama7b" in parts:
     results["llama7b"] = []
     for name, overrides in (("host f32, kept inputs", ["activations=host"]),
@@ -380,14 +472,19 @@ def main(argv=None) -> int:
     results["llama7b"].append(("run, host f32, kept inputs", run_child(
         {"kind": "llama7b", "windows": args.llama_tokens, "seqlen": 2048,
          "overrides": ["activations=host"], "fixed_mib": fixed, "run_it": True})))
-  text = report(results, args)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-      json.dump(results, f, indent=1)
-  print(text)
+  _write(report(results, args), args.out, results)
   return 0
+
+
+def _write(text: str, out_path: str | None, results: dict | None) -> None:
+  """The report to out_path (and the results to the JSON beside it, when given), and stdout."""
+  if out_path:
+    with open(out_path, "w") as f:
+      f.write(text)
+    if results is not None:
+      with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+  print(text)
 
 
 if __name__ == "__main__":

@@ -354,7 +354,6 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?",
   W, H = W.astype(dtype), H.astype(dtype)
   d_out, d_in = W.shape
   cfg.validate(d_out, d_in, layer)
-  g, B = cfg.columns_per_group(d_in), cfg.block_size(d_in)
 
   perm = column_order(H, cfg)
   Wp, Hp = hessian.permute(W, H, perm)
@@ -364,15 +363,31 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?",
     tau_abs = jnp.asarray(jnp.inf, dtype)
   elif tau_abs is None:
     tau_abs = cfg.outlier_threshold * outlier_scale(prep.W, prep.U)
+  swept = _padded_sweep(prep.W, prep.U, jnp.asarray(tau_abs, dtype), cfg)
+  return _unpermuted_result(W, H, perm, swept, Damping.of(prep), tau_abs, cfg)
 
+
+def _padded_sweep(Wd, U, tau_abs, cfg: SpQRConfig):
+  """`_sweep` of the permuted, damped problem (Wd [d_out, d_in], U [d_in, d_in]) padded to D,
+  a multiple of the block size: (Qp, codes, outlier mask) [d_out, D] and the GroupStats tables."""
+  d_in = Wd.shape[1]
+  g, B = cfg.columns_per_group(d_in), cfg.block_size(d_in)
   # Zero columns after W and an identity block after U, up to D columns (no coupling).
   D = padding.round_up(d_in, B)
-  Wpad, Upad = padding.pad_axis(prep.W, D), padding.pad_square(prep.U, D, diagonal=1.0)
+  Wpad, Upad = padding.pad_axis(Wd, D), padding.pad_square(U, D, diagonal=1.0)
   sw = _Sweep(stats=cfg.stats_config(), maxq=cfg.maxq, groupsize=g, blocksize=B,
               detect=cfg.detect_outliers,
               screen=cfg.detect_outliers and not cfg.simplified_outliers)
-  Qp, codes_p, mask_p, tables = _sweep(Wpad, Upad, jnp.asarray(tau_abs, dtype), sw)
+  return _sweep(Wpad, Upad, tau_abs, sw)
 
+
+def _unpermuted_result(W, H, perm, swept, damping: Damping, tau_abs, cfg: SpQRConfig
+                       ) -> SolveResult:
+  """The SolveResult of the `_padded_sweep` output `swept` for the problem W [d_out, d_in],
+  H [d_in, d_in], in the original column order (perm: the processing order)."""
+  Qp, codes_p, mask_p, tables = swept
+  d_in = W.shape[1]
+  g = cfg.columns_per_group(d_in)
   inv = hessian.inverse_permutation(perm)
   Q = Qp[:, :d_in][:, inv]
   n_groups = d_in // g
@@ -381,7 +396,7 @@ def spqr(W, H, cfg: SpQRConfig = SpQRConfig(), *, layer: str = "?",
               sym=cfg.grid.sym, round_zero=cfg.grid.round_zero)
   mask = mask_p[:, :d_in][:, inv]
   diagnostics = Diagnostics(outlier_fraction=jnp.mean(mask.astype(jnp.float32)),
-                            damping=Damping.of(prep), tau_abs=jnp.asarray(tau_abs, jnp.float32))
+                            damping=damping, tau_abs=jnp.asarray(tau_abs, jnp.float32))
   return SolveResult(Q=Q, codes=codes_p[:, :d_in][:, inv], grid=grid, perm=perm,
                      objective=layer_objective(W, Q, H), outlier_mask=mask,
                      diagnostics=diagnostics, spqr=_spqr_stats(tables, cfg, n_groups, g))

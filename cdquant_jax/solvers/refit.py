@@ -49,6 +49,23 @@ def refit_grid(W, H, Q, grid: Grid, grid_cfg: GridConfig, *,
   if d_in % n_groups:
     raise ValueError(f"refit needs equal-size groups: d_in={d_in}, n_groups={n_groups}")
   codes = grids.quantize(Q, grid).astype(W.dtype)
+  scale, zero = _refit_params(W, H, codes, grid, grid_cfg)
+  new, ok = _where_rows_improve(W, H, Q, codes, grid, scale, zero)
+  new_codes = codes.astype(jnp.int32)
+  if dead is not None:
+    new_codes = jnp.where(dead[None, :], grids.quantize(jnp.zeros_like(W), new), new_codes)
+  Q_out = grids.dequantize(new_codes, new)
+  return new, Q_out, {"objective": jnp.sum(row_objectives(W, Q_out, H)),
+                      "rows_refit": jnp.sum(ok)}
+
+
+def _refit_params(W, H, codes, grid: Grid, grid_cfg: GridConfig):
+  """Least-squares (scale, zero) [d_out, n_groups] for the codes [d_out, d_in] (as floats).
+
+  Symmetric grids keep their zero; integer zero points are rounded and the scales refitted with
+  them fixed; fp16_stats rounds both to float16; unusable groups keep the old parameters.
+  """
+  n_groups = grid.scale.shape[1]
   # Columns sorted by group, so each group is a contiguous run of d_in / n_groups columns.
   order = jnp.argsort(grid.group_index, stable=True)
   Hs = H[order][:, order]
@@ -69,19 +86,18 @@ def refit_grid(W, H, Q, grid: Grid, grid_cfg: GridConfig, *,
     zero = zero.astype(jnp.float16).astype(zero.dtype)
   # Groups whose fit is not a usable grid (scale ≤ 0, NaN) keep their old parameters.
   usable = jnp.isfinite(scale) & (scale > 0) & jnp.isfinite(zero)
-  scale = jnp.where(usable, scale, grid.scale)
-  zero = jnp.where(usable, zero, grid.zero)
+  return jnp.where(usable, scale, grid.scale), jnp.where(usable, zero, grid.zero)
+
+
+def _where_rows_improve(W, H, Q, codes, grid: Grid, scale, zero) -> tuple[Grid, jax.Array]:
+  """The grid with the refitted (scale, zero) [d_out, n_groups] in the rows whose objective
+  they lower for the same codes (others keep `grid`'s), and those rows [d_out] bool."""
   new = dataclasses.replace(grid, scale=scale, zero=zero)
   Q_new = grids.dequantize(codes.astype(jnp.int32), new)
   ok = row_objectives(W, Q_new, H) < row_objectives(W, Q, H)
   new = dataclasses.replace(grid, scale=jnp.where(ok[:, None], scale, grid.scale),
                             zero=jnp.where(ok[:, None], zero, grid.zero))
-  new_codes = codes.astype(jnp.int32)
-  if dead is not None:
-    new_codes = jnp.where(dead[None, :], grids.quantize(jnp.zeros_like(W), new), new_codes)
-  Q_out = grids.dequantize(new_codes, new)
-  return new, Q_out, {"objective": jnp.sum(row_objectives(W, Q_out, H)),
-                      "rows_refit": jnp.sum(ok)}
+  return new, ok
 
 
 def _fit_scales(qs, zero, Hs, HWs):

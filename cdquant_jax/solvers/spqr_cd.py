@@ -213,28 +213,53 @@ def spqr_cd(W, H, cfg: SpQRCDConfig = SpQRCDConfig(), *, layer: str = "?") -> So
   # CD works on W with dead columns zeroed (where H is zero, so the objective is unchanged).
   Wt = jnp.where(hessian.dead_columns(H)[None, :], 0.0, W)
   mask, grid = base.outlier_mask, base.grid
-  blocks = None
-  if cfg.refine == "bcd" and cfg.rounds:
-    b = cfg.bcd
-    blocks = bcd_lib.make_blocks(np.asarray(H), b.block_size, b.partition, b.n_partners, b.seed)
+  blocks = _bcd_blocks(H, cfg)
   Q, trace = base.Q, [base.objective]
   out_codes = base.codes
   steps = jnp.zeros((d_out,), jnp.int32)
   accepted = []
   for _ in range(cfg.rounds):
-    Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, blocks, cfg)
-    Q, better = _accept_rows(W, H, Q, Q_cd)
-    steps = steps + jnp.where(better, s, 0).astype(jnp.int32)
+    Q, better, moves = _refine_half_round(W, Wt, H, Q, grid, mask, blocks, cfg)
+    steps = steps + moves
     accepted.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
-    Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge)
-    Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.grid.fp16_stats)
-    Q, better = _accept_rows(W, H, Q, Q_out)
-    out_codes = jnp.where(better[:, None], codes_out, out_codes)
+    Q, better, out_codes = _outlier_half_round(W, H, Q, out_codes, mask, grid, cfg)
     accepted.append(jnp.sum(better))
     trace.append(layer_objective(W, Q, H))
+  return _refined_result(base, W, H, Q, out_codes, trace, steps, accepted)
+
+
+def _bcd_blocks(H, cfg: SpQRCDConfig):
+  """The coordinate blocks of block CD on H [d_in, d_in] (None unless refine="bcd" runs)."""
+  if not (cfg.refine == "bcd" and cfg.rounds):
+    return None
+  b = cfg.bcd
+  return bcd_lib.make_blocks(np.asarray(H), b.block_size, b.partition, b.n_partners, b.seed)
+
+
+def _refine_half_round(W, Wt, H, Q, grid: Grid, mask, blocks, cfg: SpQRCDConfig):
+  """CD / BCD of the non-outlier codes of Q [d_out, d_in] on Wt (W with dead columns zeroed),
+  kept in the rows where it lowers the objective: (Q, accepted rows [d_out], their moves)."""
+  Q_cd, s = _refine_codes(Wt, H, Q, grid, mask, blocks, cfg)
+  Q, better = _accept_rows(W, H, Q, Q_cd)
+  return Q, better, jnp.where(better, s, 0).astype(jnp.int32)
+
+
+def _outlier_half_round(W, H, Q, out_codes, mask, grid: Grid, cfg: SpQRCDConfig):
+  """Closed-form storable outlier values at `mask`, kept in the rows where they lower the
+  objective: (Q, accepted rows [d_out], codes [d_out, d_in] their corrections refer to)."""
+  Q_out = resolve_outliers(W, H, Q, mask, ridge=cfg.ridge)
+  Q_out, codes_out = storable_outliers(Q_out, mask, grid, fp16=cfg.grid.fp16_stats)
+  Q, better = _accept_rows(W, H, Q, Q_out)
+  return Q, better, jnp.where(better[:, None], codes_out, out_codes)
+
+
+def _refined_result(base: SolveResult, W, H, Q, out_codes, trace, steps, accepted
+                    ) -> SolveResult:
+  """SpQR's result `base` with the refined Q [d_out, d_in], its codes and the refinement's
+  diagnostics (objective after each half-round, moves per row, accepted rows)."""
   # Non-outliers lie on the grid; outliers keep the code their stored correction refers to.
-  codes = jnp.where(mask, out_codes, grids.quantize(Q, grid))
+  codes = jnp.where(base.outlier_mask, out_codes, grids.quantize(Q, base.grid))
   diagnostics = base.diagnostics.replace(init_objective=base.objective,
                                          objective_trace=jnp.stack(trace), steps=steps,
                                          accepted_rows=jnp.asarray(accepted, jnp.int32))

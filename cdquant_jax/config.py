@@ -40,20 +40,7 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
   """Converts `value` to `annotation` (int, float, bool, str, Literal, Enum, Optional, dataclass)."""
   origin = typing.get_origin(annotation)
   if origin in (typing.Union, types.UnionType):
-    options = typing.get_args(annotation)
-    if value is None and type(None) in options:
-      return None
-    errors = []
-    for option in options:
-      if option is type(None):
-        continue
-      try:
-        return coerce(value, option, where)
-      except ConfigError as e:
-        errors.append(str(e))
-    if len(errors) == 1:  # X | None: the one option's own, more precise error
-      raise ConfigError(errors[0])
-    raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
+    return _coerce_union(value, annotation, where)
   if origin is Literal:
     allowed = typing.get_args(annotation)
     if value not in allowed:
@@ -70,6 +57,37 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
       return annotation(value)
     except ValueError:
       raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in annotation]}")
+  if any(annotation is kind for kind in (bool, int, float, str)):
+    return _coerce_scalar(value, annotation, where)
+  if origin in (tuple, list):
+    return _coerce_sequence(value, annotation, where)
+  if origin is dict or annotation is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+  return value
+
+
+def _coerce_union(value: Any, annotation: Any, where: str) -> Any:
+  """`value` as the first option of the union that accepts it (None for an Optional)."""
+  options = typing.get_args(annotation)
+  if value is None and type(None) in options:
+    return None
+  errors = []
+  for option in options:
+    if option is type(None):
+      continue
+    try:
+      return coerce(value, option, where)
+    except ConfigError as e:
+      errors.append(str(e))
+  if len(errors) == 1:  # X | None: the one option's own, more precise error
+    raise ConfigError(errors[0])
+  raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
+
+
+def _coerce_scalar(value: Any, annotation: type, where: str) -> Any:
+  """`value` as a bool, int (integral floats accepted), float or str; bools are no numbers."""
   if annotation is bool:
     if isinstance(value, bool):
       return value
@@ -84,22 +102,19 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)
-  if annotation is str:
-    if not isinstance(value, str):
-      raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-  if origin in (tuple, list):
-    if not isinstance(value, (list, tuple)):
-      raise ConfigError(f"{where}: expected a list, got {value!r}")
-    args = typing.get_args(annotation)
-    item = args[0] if args else Any
-    return tuple(coerce(v, item, f"{where}[{i}]") if item is not Any else v
-                 for i, v in enumerate(value))
-  if origin is dict or annotation is dict:
-    if not isinstance(value, dict):
-      raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    return value
+  if not isinstance(value, str):
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
   return value
+
+
+def _coerce_sequence(value: Any, annotation: Any, where: str) -> tuple:
+  """A list / tuple `value` as a tuple, its items coerced to the annotation's item type."""
+  if not isinstance(value, (list, tuple)):
+    raise ConfigError(f"{where}: expected a list, got {value!r}")
+  args = typing.get_args(annotation)
+  item = args[0] if args else Any
+  return tuple(coerce(v, item, f"{where}[{i}]") if item is not Any else v
+               for i, v in enumerate(value))
 
 
 def from_dict(cls, data: dict, *, where: str = "") -> Any:

@@ -47,6 +47,7 @@ from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
 from cdquant_jax.pipeline import checkpoint, evaluation, memory, runlog, sequential
 from cdquant_jax.pipeline import config as run_lib
+from cdquant_jax.pipeline import weights as block_weights
 from cdquant_jax.research import bank, cache, store
 from cdquant_jax.research import sweep as sweep_lib
 from cdquant_jax.solvers import api
@@ -165,14 +166,16 @@ def sequential_fields(metrics: dict) -> dict[str, Any]:
 _LOADED: dict[tuple, tuple] = {}  # (path, dtype) -> (model, params, tokenizer, source dtypes)
 
 
-def load_model_once(model_source: run_lib.ModelSource) -> tuple:
-  """The point's model, loaded once per process (only the latest model is kept)."""
-  key = (model_source.path, model_source.dtype)
+def load_model_once(model_source: run_lib.ModelSource, weights: str = "host") -> tuple:
+  """The point's model, loaded once per process (only the latest model is kept); with
+  weights "disk" only its outer params (`pipeline.weights.load_model`)."""
+  key = (model_source.path, model_source.dtype, weights)
   if key not in _LOADED:
     _LOADED.clear()
     dtypes: dict[str, str] = {}
-    model, params, tokenizer = registry.load_model(resolve_model_path(model_source.path),
-                                                   model_source.dtype, source_dtypes=dtypes)
+    load = block_weights.load_model if weights == "disk" else registry.load_model
+    model, params, tokenizer = load(resolve_model_path(model_source.path), model_source.dtype,
+                                    source_dtypes=dtypes)
     if tokenizer is None:
       raise ModelLoadError(f"model {model_source.path}: no tokenizer, cannot build "
                            "calibration data")
@@ -182,7 +185,7 @@ def load_model_once(model_source: run_lib.ModelSource) -> tuple:
 
 def _calibration(job: Job, run: run_lib.RunConfig):
   """(model, params, caching tokenizer, source dtypes, calibration ids) of the point."""
-  model, params, tokenizer, dtypes = load_model_once(run.model)
+  model, params, tokenizer, dtypes = load_model_once(run.model, run.weights)
   tok = cache.CachingTokenizer(tokenizer, job.cache_dir)
   ids = cache.calibration_ids(job.cache_dir, run.calibration, tok)
   return model, params, tok, dtypes, ids
@@ -199,7 +202,7 @@ def _baseline(job: Job, run: run_lib.RunConfig, model, params, tok) -> dict | No
   source = (run.model.path, run.model.dtype)
   if source not in _MODEL_HASHES:
     _MODEL_HASHES.clear()
-    _MODEL_HASHES[source] = checkpoint.model_hash(model, params)
+    _MODEL_HASHES[source] = block_weights.model_hash(model, params)
   key = cache.baseline_key(_MODEL_HASHES[source], config_lib.to_dict(run.eval),
                            run.calibration.seqlen, tok.tok_hash)
   return cache.cached_json(job.cache_dir, "baselines", key, lambda: evaluation.evaluate_sources(

@@ -135,6 +135,18 @@ def test_two_jobs_give_the_rows_of_one(fixture, reference, tmp_path):
   assert _measured(rows) == _measured(expected)
 
 
+def test_weights_on_disk_give_the_rows_of_host_weights(fixture, reference, tmp_path):
+  """A sweep whose base keeps the block weights on disk (`weights: disk`: the points load
+  only the outer params) measures what the host-weights sweep measured."""
+  _, expected = reference
+  data = {"name": "tiny", "base": {**tiny_model.run_dict(fixture), "weights": "disk"},
+          "axes": {"quant.method": ["rtn", "gptq", "cd"]}}
+  outcome = runner.run_sweep(config_lib.from_dict(sweep.SweepConfig, data), out=str(tmp_path))
+  rows = store.read_rows(store.results_file(outcome.directory))
+  by_name = lambda rs: {r["name"]: {k: r[k] for k in MEASURED if k != "point"} for r in rs}
+  assert by_name(rows) == by_name(expected) and len(rows) == 3
+
+
 def test_only_runs_the_matching_points(fixture, reference, tmp_path):
   _, expected = reference
   outcome = runner.run_sweep(_spec(fixture), out=str(tmp_path), only=("*=rtn",))

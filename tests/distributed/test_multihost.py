@@ -1,10 +1,11 @@
 """Two processes on localhost (`jax.distributed`, gloo CPU collectives, 2 CPU devices each)
 quantize a tiny Llama on a mesh over both processes' 4 devices: the result equals the
-one-process, one-device run bit for bit, only process 0 writes, and the logs name the process;
-stopping both after block 0 and restarting them with resume gives the same result again."""
+one-process, one-device run bit for bit after both are stopped after block 0 and restarted
+with resume; only process 0 writes, and the logs name the process."""
 
 import hashlib
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -48,38 +49,29 @@ def one_process(tmp_path_factory):
   return quantize_loaded(cfg, model, params, ids, progress=False)
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  """One compilation cache for every launch here (the programs are the same)."""
-  return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def shas(outputs: list[str]) -> list[str]:
   return [line.split()[-1] for out in outputs for line in out.splitlines()
           if "packed sha256" in line]
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path, one_process, jax_cache):
-  outputs = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, jax_cache=jax_cache)
-  assert shas(outputs) == [packed_sha(one_process.qweights)] * 2
-  for k, out in enumerate(outputs):
-    assert f"[process {k}/2] joined" in out
+def test_two_processes_stopped_and_resumed_equal_one_process(tmp_path, one_process):
+  """Stopped after block 0, then restarted with resume: the model of the one-process run, in
+  both processes' memory and in process 0's files; process 1 touches no file."""
+  cache = str(tmp_path / "jax_cache")  # the resumed processes load the stopped ones' programs
+  stopped = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "stop", jax_cache=cache)
+  for k, out in enumerate(stopped):
+    assert "stopped after block 0" in out and f"[process {k}/2] joined" in out
+  assert os.listdir(tmp_path / "run1") == []
+  shutil.copytree(tmp_path / "run" / "checkpoint", tmp_path / "run1" / "checkpoint")
+  resumed = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "resume",
+                          jax_cache=cache)
+  assert shas(resumed) == [packed_sha(one_process.qweights)] * 2
+  assert "[process 0/2] resuming" in resumed[0] and "[process 1/2] resuming" in resumed[1]
   written = serialize.load_quantized(os.path.join(tmp_path, "run", export.QUANTIZED_FILE))
   assert packed_sha(written) == packed_sha(one_process.qweights)
-  assert os.listdir(tmp_path / "run1") == []  # process 1's own output_dir (the worker checks)
-
-
-@pytest.mark.slow
-def test_stopped_and_resumed_processes_equal_one_process(tmp_path, one_process, jax_cache):
-  stopped = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "stop",
-                          jax_cache=jax_cache)
-  assert all("stopped after block 0" in out for out in stopped)
-  assert os.path.exists(tmp_path / "run" / "checkpoint" / "state.json")
-  resumed = run_processes("multihost_worker", 2, 2, str(tmp_path), MESH, "resume",
-                          jax_cache=jax_cache)
-  assert shas(resumed) == [packed_sha(one_process.qweights)] * 2
-  assert "resuming" in resumed[0]
+  assert not os.path.exists(tmp_path / "run" / "checkpoint")  # removed by process 0 at the end
+  assert os.path.exists(tmp_path / "run1" / "checkpoint" / "state.json")  # process 1's copy
 
 
 def test_process_group_from_flags_and_environment():

@@ -5,9 +5,10 @@
 Quantizes the tiny Llama of `pipeline_worker` (GPTQ 3-bit, 10 calibration windows in batches
 of 4: the last batch's padding rows lie on process 1) on a mesh over both processes' 4
 devices (MESH "data=4" by default, "data=2,model=2" splits the solves within each process).
-In the plain run, process 0 writes OUT_DIR/run and the others are given OUT_DIR/run<id>,
-which they must leave empty. "stop" ends both processes after block 0 is checkpointed (as if
-killed there); "resume" then continues from that checkpoint; both share OUT_DIR/run. The packed arrays' sha256 is printed for the parent test.
+Process 0 writes OUT_DIR/run; the others are given OUT_DIR/run<id> and must leave it as they
+found it (no file added, changed or removed). "stop" ends both processes after block 0 is
+checkpointed (as if killed there); "resume" then continues from the checkpoint in each output
+directory (the test copies process 0's into the others', as a shared filesystem would show it). The packed arrays' sha256 is printed for the parent test.
 """
 
 import hashlib
@@ -36,15 +37,20 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str, mesh: str
   model = registry.model_from_hf_config(TINY)
   params = jax.device_get(model.init_params(jax.random.key(0), scale=0.3))
   ids = np.asarray(jax.random.randint(jax.random.key(1), (10, 16), 0, 61), np.int32)
-  own = mode == "run" and process_id > 0
-  output = os.path.join(out_dir, f"run{process_id}" if own else "run")
+  output = os.path.join(out_dir, f"run{process_id}" if process_id else "run")
+  found = files(output)
   cfg = run_config_from_dict({
       "output_dir": output, "mesh": vars(MeshConfig.parse(mesh)), "forward_batch_size": 4,
       "quant": {"method": "gptq", "knobs": {"bits": 3, "group_size": 16}},
       "calibration": {"nsamples": len(ids), "seqlen": ids.shape[1]}})
 
+  def untouched():
+    if process_id:
+      assert files(output) == found, f"process {process_id} wrote in {output}"
+
   def stop_after(block):
     if mode == "stop" and block == 0:
+      untouched()
       print("stopped after block 0", flush=True)
       sys.exit(0)
 
@@ -56,9 +62,13 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str, mesh: str
       if isinstance(value, jax.Array):
         digest.update(f"{name}.{key}".encode() + np.asarray(value).tobytes())
   print(f"process {process_id} packed sha256 {digest.hexdigest()}", flush=True)
-  if own:
-    written = [os.path.join(d, f) for d, _, files in os.walk(output) for f in files]
-    assert not written, f"process {process_id} wrote {written}"
+  untouched()
+
+
+def files(folder: str) -> dict[str, int]:
+  """path -> modification time (ns) of every file under folder."""
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, names in os.walk(folder) for f in names}
 
 
 if __name__ == "__main__":

@@ -121,8 +121,7 @@ class CausalLM:
 
   def param_shapes(self, dtype=jnp.float32) -> Params:
     """The params pytree as jax.ShapeDtypeStruct leaves (for eval_shape and load checks)."""
-    # A fresh copy of the nested dicts and lists (callers may edit them).
-    return jax.tree.map(lambda leaf: leaf, _param_shapes(self, jnp.dtype(dtype)))
+    return _param_shapes(self, jnp.dtype(dtype))
 
   # ---- shared ------------------------------------------------------------------------------
   @property
@@ -217,6 +216,13 @@ class CausalLM:
 
 
 @functools.lru_cache(maxsize=None)
+def _abstract_model(model: CausalLM) -> tuple[nnx.GraphDef, Params]:
+  """(graphdef, f32 param shapes) of `model`'s whole NNX module, from one abstract build."""
+  graphdef, state = nnx.split(model.build_module(None))
+  return graphdef, modules.state_to_params(state)
+
+
+@functools.lru_cache(maxsize=None)
 def _graphdef(model: CausalLM, part: str | int) -> nnx.GraphDef:
   """The graphdef of `model`'s NNX module: WHOLE, OUTER (no blocks) or block `part` (an int).
 
@@ -224,16 +230,16 @@ def _graphdef(model: CausalLM, part: str | int) -> nnx.GraphDef:
   dtypes or shapes, so it serves params of any dtype.
   """
   if part == WHOLE:
-    return nnx.graphdef(model.build_module(None))
+    return _abstract_model(model)[0]
   if part == OUTER:
     return nnx.graphdef(model.build_module(None, num_layers=0))
   return nnx.graphdef(model.build_block(part, None))
 
 
-@functools.lru_cache(maxsize=None)
 def _param_shapes(model: CausalLM, dtype) -> Params:
-  """`CausalLM.param_shapes` (shared: do not edit; the method returns a copy)."""
-  return modules.state_to_params(nnx.state(model.build_module(None, dtype)))
+  """`CausalLM.param_shapes`: the abstract build's shapes in `dtype` (fresh containers)."""
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype),
+                      _abstract_model(model)[1])
 
 
 def _pick(logits: jax.Array, key: jax.Array, greedy: bool, temperature: float) -> jax.Array:

@@ -46,14 +46,9 @@ def run_mesh(cfg: MeshConfig | None) -> jax.sharding.Mesh | None:
   return mesh
 
 
-def check_run_mesh(cfg: MeshConfig | None, checkpoint: str) -> None:
-  """ConfigError, before any work, for a mesh this machine (or process group) cannot hold,
-  and for saved activations on several processes (each holds only its rows)."""
+def check_run_mesh(cfg: MeshConfig | None) -> None:
+  """ConfigError, before any work, for a mesh this machine (or process group) cannot hold."""
   run_mesh(cfg)
-  if jax.process_count() > 1:
-    config_lib.reject_unless(checkpoint != "activations",
-                             f"checkpoint={checkpoint} on {jax.process_count()} processes: "
-                             "use checkpoint=replay (each process holds only its rows)")
 
 
 def rows_spec(ndim: int) -> P:

@@ -228,11 +228,6 @@ class Activations:
     for h, valid in zip(self.batches, self.valid):
       yield None if self.mesh is None else placement.row_mask(h.shape[0], valid, self.mesh)
 
-  def stacked(self) -> np.ndarray:
-    """[N, T, D] on the host (for checkpoints), in the stored dtype, without padding rows."""
-    return np.concatenate([(h.load() if isinstance(h, _DiskArray) else np.asarray(h))[:valid]
-                           for h, valid in zip(self.batches, self.valid)], axis=0)
-
   @classmethod
   def from_array(cls, array: np.ndarray, batch: int, storage: "Storage | bool",
                  mesh: jax.sharding.Mesh | None = None) -> "Activations":

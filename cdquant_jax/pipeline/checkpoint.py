@@ -4,14 +4,21 @@ Checkpoint directory `<output_dir>/checkpoint/`:
   block_0003.safetensors   the QuantizedWeights of block 3 (`quant.serialize` format)
   block_0003_params.npz    block 3's tuned unquantized params (dotted path -> array; runs with
                            tune.params norms only)
-  activations_0003.npy     [N, T, D] outputs of block 3 = inputs of the next block (checkpoint
-                           "activations" only; older files are removed after state.json)
-  state.json               {"fingerprint", "blocks_done", "records", "seconds"}; written last,
-                           so a crash between files leaves the previous consistent state
-Only process 0 of a multi-process run writes or removes files; every process reads them when
-resuming (a filesystem all hosts see). Resuming rebuilds the quantized params from the block files (dequantized exactly as the run
-wrote them back) and the next block's inputs from activations.npy or by replaying the quantized
-blocks with the same jitted forwards, so a resumed run is bit-identical to an uninterrupted one.
+  activations_0003/        outputs of block 3 = inputs of the next block (checkpoint
+                           "activations" only; older ones are removed after state.json): an
+                           orbax checkpoint of the stored batches as they are (sharded over a
+                           mesh: each process writes its shards) and their real row counts
+  state.json               {"fingerprint", "blocks_done", "records", "seconds",
+                           "activation_batches"}; written last, so a crash between files
+                           leaves the previous consistent state
+Only process 0 of a multi-process run writes or removes files, except the activations, which
+every process saves (orbax: its shards, committed atomically once all are written); every
+process reads them when resuming (a filesystem all hosts see). Resuming rebuilds the quantized
+params from the block files (dequantized exactly as the run wrote them back) and the next
+block's inputs from the saved activations (read as host arrays and split again over the
+resumed run's mesh, whatever its shape) or by replaying the quantized blocks with the same
+jitted forwards, so a resumed run on the same devices is bit-identical to an uninterrupted one
+(on another mesh shape: up to the f32 summation order of the Hessians).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cdquant_jax import config as config_lib
 from cdquant_jax import io_utils
@@ -106,20 +114,27 @@ def load_state(output_dir: str) -> dict | None:
 
 
 def save_block(output_dir: str, block: int, qweights: dict, state: dict,
-               activations: np.ndarray | None) -> None:
-  """Writes block `block`'s weights, the activations (optional), then state.json (process 0
-  of a multi-process run only; the others hold the same state)."""
+               activations=None) -> None:
+  """Writes the activations (optional; a `capture.Activations`, every process), then block
+  `block`'s weights and state.json (process 0 only; the others hold the same state)."""
+  if activations is not None:
+    _save_activations(activations_dir(output_dir, block), activations)
+    state = dict(state, activation_batches=len(activations.batches))
   if not multihost.is_writer():
     return
   with io_utils.atomic_path(block_file(output_dir, block)) as tmp:
     serialize.save_quantized(tmp, qweights, extra=dict(block=block))
-  if activations is not None:
-    with io_utils.atomic_path(activations_file(output_dir, block)) as tmp:
-      with open(tmp, "wb") as f:
-        np.save(f, activations)
   io_utils.atomic_write_json(os.path.join(checkpoint_dir(output_dir), STATE_FILE), state)
-  if block > 0 and os.path.exists(activations_file(output_dir, block - 1)):
-    os.remove(activations_file(output_dir, block - 1))
+  if block > 0:
+    shutil.rmtree(activations_dir(output_dir, block - 1), ignore_errors=True)
+
+
+def _save_activations(path: str, activations) -> None:
+  """An orbax checkpoint {"batches": the stored batches [B, T, D] as they are (device, host or
+  disk; a mesh's global arrays), "valid": [n_batches] real rows of each} (every process)."""
+  batches = [np.asarray(h.load()) if hasattr(h, "load") else h for h in activations.batches]
+  tree = {"batches": batches, "valid": np.asarray(activations.valid, np.int64)}
+  ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree, force=True)
 
 
 def block_params_file(output_dir: str, block: int) -> str:
@@ -145,8 +160,8 @@ def load_block_params(output_dir: str, block: int) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def activations_file(output_dir: str, block: int) -> str:
-  return os.path.join(checkpoint_dir(output_dir), f"activations_{block:04d}.npy")
+def activations_dir(output_dir: str, block: int) -> str:
+  return os.path.join(checkpoint_dir(output_dir), f"activations_{block:04d}")
 
 
 def load_blocks(output_dir: str, blocks_done: int) -> dict:
@@ -158,9 +173,16 @@ def load_blocks(output_dir: str, blocks_done: int) -> dict:
 
 
 def load_activations(output_dir: str, state: dict) -> np.ndarray | None:
-  """The saved inputs of block `blocks_done` (None when not saved: replay instead)."""
-  path = activations_file(output_dir, state["blocks_done"] - 1)
-  return np.load(path) if os.path.exists(path) else None
+  """The saved inputs of block `blocks_done`, [N, T, D] host rows without padding, in the
+  stored dtype (None when not saved: replay instead). Every process reads all of them."""
+  path = os.path.abspath(activations_dir(output_dir, state["blocks_done"] - 1))
+  if not os.path.exists(path):
+    return None
+  as_host = ocp.RestoreArgs(restore_type=np.ndarray)
+  args = {"batches": [as_host] * state["activation_batches"], "valid": as_host}
+  tree = ocp.PyTreeCheckpointer().restore(path, restore_args=args)
+  return np.concatenate([np.asarray(h)[:int(n)] for h, n in zip(tree["batches"], tree["valid"])],
+                        axis=0)
 
 
 def clear(output_dir: str) -> None:

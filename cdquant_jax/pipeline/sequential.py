@@ -189,7 +189,7 @@ def quantize_loaded(run: RunConfig, model, params: Params, calibration_ids: np.n
   check_token_hash("calibration", data.token_hash(calibration_ids),
                    run.expected_hash("calibration"))
   check_solve_devices(run)
-  placement.check_run_mesh(run.mesh, run.checkpoint)
+  placement.check_run_mesh(run.mesh)
   fp = _fingerprint(run, model, params, calibration_ids) \
       if run.checkpoint != "none" or resume else None
   obs.phase("setup_seconds")
@@ -392,7 +392,7 @@ def _checkpoint(run, model, fp, state: RunState, acts: capture.Activations, i: i
       checkpoint.save_block_params(run.output_dir, i,
                                    tune.norm_tensors(model.layer_params(state.params, i)))
     checkpoint.save_block(run.output_dir, i, block_qw, saved,
-                          acts.stacked() if run.checkpoint == "activations" else None)
+                          acts if run.checkpoint == "activations" else None)
   if multihost.is_writer():
     runlog.write_log(run.output_dir, state.records)
   obs.block_done()

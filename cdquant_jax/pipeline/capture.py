@@ -167,7 +167,8 @@ class _DiskArray:
 
   def load(self) -> np.ndarray:
     """The batch, memory-mapped (its pages are mapped only until the copy to the device)."""
-    return np.load(self.path, mmap_mode="r")
+    # .npy stores bfloat16 as raw 2-byte voids: viewed as the saved dtype again.
+    return np.asarray(np.load(self.path, mmap_mode="r")).view(self.dtype)
 
 
 class _Folder:
@@ -230,11 +231,14 @@ class Activations:
 
   @classmethod
   def from_array(cls, array: np.ndarray, batch: int, storage: "Storage | bool",
-                 mesh: jax.sharding.Mesh | None = None) -> "Activations":
-    """array [N, T, D] in batches of `batch` rows (split over the mesh's "data" when given)."""
+                 mesh: jax.sharding.Mesh | None = None, compute_dtype=None) -> "Activations":
+    """array [N, T, D] in batches of `batch` rows (split over the mesh's "data" when given),
+    produced in `compute_dtype` (default: array's; saved activations are in the stored dtype,
+    which may be narrower: each batch is cast back, exactly, as when it was first stored)."""
     out = cls(storage, mesh)
     for start in range(0, array.shape[0], batch):
-      out.append(*_placed(array[start:start + batch], mesh))
+      rows = array[start:start + batch]
+      out.append(*_placed(rows if compute_dtype is None else rows.astype(compute_dtype), mesh))
     return out
 
   def like(self) -> "Activations":

@@ -415,7 +415,7 @@ def _initial_activations(run, model, state: RunState, ids) -> capture.Activation
   mesh = placement.run_mesh(run.mesh)
   if state.saved_acts is not None:
     return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host,
-                                          mesh)
+                                          mesh, registry.as_dtype(run.model.dtype))
   embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
   acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host,
                                    mesh)

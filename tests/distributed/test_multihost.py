@@ -74,6 +74,19 @@ def test_two_processes_stopped_and_resumed_equal_one_process(tmp_path, one_proce
   assert os.path.exists(tmp_path / "run1" / "checkpoint" / "state.json")  # process 1's copy
 
 
+@pytest.mark.slow
+def test_two_processes_resume_from_their_orbax_activations(tmp_path, one_process):
+  """checkpoint=activations: each process saves its rows of the activations with orbax into
+  the shared output directory; both resume from them to the one-process model."""
+  args = (str(tmp_path), MESH)
+  cache = str(tmp_path / "jax_cache")
+  run_processes("multihost_worker", 2, 2, *args, "stop", "activations", jax_cache=cache)
+  assert os.path.isdir(tmp_path / "run" / "checkpoint" / "activations_0000")
+  resumed = run_processes("multihost_worker", 2, 2, *args, "resume", "activations",
+                          jax_cache=cache)
+  assert shas(resumed) == [packed_sha(one_process.qweights)] * 2
+
+
 def test_process_group_from_flags_and_environment():
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
          "JAX_PROCESS_ID": "3"}

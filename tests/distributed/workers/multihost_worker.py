@@ -1,14 +1,18 @@
 """One process of a two-process run (`jax.distributed` on localhost, 2 CPU devices each).
 
-    multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [MESH] [stop|resume]
+    multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [MESH] [stop|resume] [CHECKPOINT]
 
 Quantizes the tiny Llama of `pipeline_worker` (GPTQ 3-bit, 10 calibration windows in batches
 of 4: the last batch's padding rows lie on process 1) on a mesh over both processes' 4
 devices (MESH "data=4" by default, "data=2,model=2" splits the solves within each process).
-Process 0 writes OUT_DIR/run; the others are given OUT_DIR/run<id> and must leave it as they
-found it (no file added, changed or removed). "stop" ends both processes after block 0 is
-checkpointed (as if killed there); "resume" then continues from the checkpoint in each output
-directory (the test copies process 0's into the others', as a shared filesystem would show it). The packed arrays' sha256 is printed for the parent test.
+CHECKPOINT "replay" (default): process 0 writes OUT_DIR/run; the others are given
+OUT_DIR/run<id> and must leave it as they found it (no file added, changed or removed).
+CHECKPOINT "activations": every process saves its shards of the activations with orbax into
+the one shared OUT_DIR/run (orbax needs the same path on every process). "stop" ends both
+processes after block 0 is checkpointed (as if killed there); "resume" then continues from the
+checkpoint in each output directory (with "replay" the test copies process 0's into the
+others', as a shared filesystem would show it). The packed arrays' sha256 is printed for the
+parent test.
 """
 
 import hashlib
@@ -20,7 +24,7 @@ from cdquant_jax.distributed import multihost
 
 
 def main(process_id: int, num_processes: int, port: str, out_dir: str, mesh: str,
-         mode: str):
+         mode: str, checkpoint: str):
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   group = multihost.ProcessGroup(coordinator=f"localhost:{port}", num_processes=num_processes,
                                  process_id=process_id)
@@ -37,15 +41,17 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str, mesh: str
   model = registry.model_from_hf_config(TINY)
   params = jax.device_get(model.init_params(jax.random.key(0), scale=0.3))
   ids = np.asarray(jax.random.randint(jax.random.key(1), (10, 16), 0, 61), np.int32)
-  output = os.path.join(out_dir, f"run{process_id}" if process_id else "run")
+  own = process_id > 0 and checkpoint == "replay"
+  output = os.path.join(out_dir, f"run{process_id}" if own else "run")
   found = files(output)
   cfg = run_config_from_dict({
       "output_dir": output, "mesh": vars(MeshConfig.parse(mesh)), "forward_batch_size": 4,
+      "checkpoint": checkpoint,
       "quant": {"method": "gptq", "knobs": {"bits": 3, "group_size": 16}},
       "calibration": {"nsamples": len(ids), "seqlen": ids.shape[1]}})
 
   def untouched():
-    if process_id:
+    if own:
       assert files(output) == found, f"process {process_id} wrote in {output}"
 
   def stop_after(block):
@@ -74,4 +80,4 @@ def files(folder: str) -> dict[str, int]:
 if __name__ == "__main__":
   argv = sys.argv[1:]
   main(int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4] if len(argv) > 4 else "data=4",
-       argv[5] if len(argv) > 5 else "run")
+       argv[5] if len(argv) > 5 else "run", argv[6] if len(argv) > 6 else "replay")

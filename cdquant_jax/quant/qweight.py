@@ -37,10 +37,16 @@ padded to k_pad = the next multiple of 32 with zero codes; padded x columns must
   outlier_values    float16 [nnz]     ADDITIVE corrections: W = dense + S.
 
 Dequantization (all f32; this exact order of operations is what makes the round trip exact):
-  "qq" stat[g, n] = f32(qq_scale[g, n // qq]) · (code[g, n] − f32(qq_zero[g, n // qq]))
+  "qq" stat[g, n] = f32(qq_scale[g, n // qq]) · (code[g, n] − f32(qq_zero[g, n // qq])),
+                    rounded to f32 before it is used below (the solver's grid.scale / grid.zero)
   dense[k, n]     = scale[k // G, n] · (C[k, n] − zero[k // G, n])        (k < d_in)
   W[n, perm[k]]   = dense[k, n];   then  W[n, col] += f32(value) for each outlier of row n.
 Both flavours dequantize as s · (q − z) (zeros in code units; GPTQ zeros are integers).
+Every multiply and subtract is rounded on its own. A compiled program that computes a "qq" zero
+and the dense weight together may fuse q − z2s · (c − z2z) into one multiply-add (XLA:CPU always
+allows FMA fusion), which skips the rounding of z and can be one ulp off. `dequantize` therefore
+runs two compiled programs, the statistics (`first_level_stats`) and then the weight from them;
+traced inside a larger jit it is one program again and exact only up to that fusion.
 A kernel computes y[b, n] = Σ_k x[b, perm[k]] · dense[k, n] + Σ_j x[b, col_j] · value_j.
 3-bit planes in Pallas: pass `codes` three times with BlockSpec((None, bk/32, bn),
 lambda j: (w, 0, j)) for w = 0, 1, 2 (squeezed plane axis, power-of-2 blocks) and decode slot v
@@ -212,22 +218,36 @@ def first_level_stat(qw: QuantizedWeight, which: str) -> jax.Array:
   return qq_scale * (codes.astype(jnp.float32) - qq_zero)
 
 
-def dense_storage(qw: QuantizedWeight) -> jax.Array:
-  """Dense part in storage layout, f32 [k_pad, N] (padded rows are exactly 0)."""
+@jax.jit
+def first_level_stats(qw: QuantizedWeight) -> tuple[jax.Array, jax.Array]:
+  """(scale, zero) f32 [n_groups_pad, N], as a compiled program of their own: its outputs are
+  f32 arrays, so no later multiply-add can absorb their rounding (see the module docstring)."""
+  return first_level_stat(qw, "scale"), first_level_stat(qw, "zero")
+
+
+def dense_storage(qw: QuantizedWeight, scale: jax.Array, zero: jax.Array) -> jax.Array:
+  """Dense part in storage layout, f32 [k_pad, N] (padded rows are exactly 0), from the
+  first-level statistics [n_groups_pad, N] of `first_level_stats`."""
   meta = qw.meta
   codes = packing.unpack_codes(qw.codes, meta.bits).astype(jnp.float32)  # [k_pad, N]
   # [n_groups_pad, N] -> [n_groups_pad·G, N] -> rows k < k_pad: row k takes group k // G
   rows = lambda stat: jnp.repeat(stat, meta.group_size, axis=0)[:meta.k_pad]
-  return rows(first_level_stat(qw, "scale")) * (codes - rows(first_level_stat(qw, "zero")))
+  return rows(scale) * (codes - rows(zero))
+
+
+@jax.jit
+def _dense_from_stats(qw: QuantizedWeight, scale: jax.Array, zero: jax.Array) -> jax.Array:
+  """`dense_storage` in ORIGINAL input order, f32 [d_out, d_in]."""
+  meta = qw.meta
+  dense_t = dense_storage(qw, scale, zero)[:meta.d_in].T  # [N, d_in], columns in storage order
+  if qw.perm is None:
+    return dense_t
+  return jnp.zeros_like(dense_t).at[:, qw.perm].set(dense_t)
 
 
 def weight_without_outliers(qw: QuantizedWeight) -> jax.Array:
   """Dense part without outliers, f32 [d_out, d_in] in ORIGINAL input order."""
-  meta = qw.meta
-  dense_t = dense_storage(qw)[:meta.d_in].T  # [N, d_in], columns in storage order
-  if qw.perm is None:
-    return dense_t
-  return jnp.zeros_like(dense_t).at[:, qw.perm].set(dense_t)
+  return _dense_from_stats(qw, *first_level_stats(qw))
 
 
 def outlier_rows(qw: QuantizedWeight) -> jax.Array:
@@ -238,10 +258,20 @@ def outlier_rows(qw: QuantizedWeight) -> jax.Array:
 
 
 def dequantize(qw: QuantizedWeight) -> jax.Array:
-  """The weight W [d_out, d_in] f32 (original order): dense(codes, stats) + outliers."""
+  """The weight W [d_out, d_in] f32 (original order): dense(codes, stats) + outliers.
+
+  Called outside jit it is bit-exact to the specification in the module docstring (the
+  statistics are a compiled program of their own); under jit see the note there.
+  """
   W = weight_without_outliers(qw)
   if qw.meta.nnz == 0:
     return W
+  return _with_outliers(qw, W)
+
+
+@jax.jit
+def _with_outliers(qw: QuantizedWeight, W: jax.Array) -> jax.Array:
+  """W [d_out, d_in] plus the f32 outlier values at their positions."""
   values = qw.outlier_values.astype(jnp.float32)
   return W.at[outlier_rows(qw), qw.outlier_col_idx].add(values)
 
@@ -334,13 +364,6 @@ def _outliers(Q: np.ndarray, dense: np.ndarray, mask: np.ndarray, method: str,
               outlier_col_idx=cols.astype(np.int32), outlier_values=values)
 
 
-@jax.jit
-def _dense_parts(qw: QuantizedWeight) -> tuple[dict[str, jax.Array], jax.Array]:
-  """({"scale", "zero"}: first-level stats [n_groups_pad, N], dense weight [d_out, d_in])."""
-  stats = {which: first_level_stat(qw, which) for which in ("scale", "zero")}
-  return stats, weight_without_outliers(qw)
-
-
 def _stat_fields(grid, stats, d_out: int, n_groups_pad: int):
   """(array fields, {"scale"/"zero": format}, qq_dtype) of the first- and second-level stats.
 
@@ -390,9 +413,10 @@ def pack_result(result, *, allow_lossy_outliers: bool = False) -> QuantizedWeigh
     raise ValueError(f"spqr.groupsize={result.spqr.groupsize} but the grid's groups have {G} "
                      "columns")
   qw = _pack_dense(result, codes, G, perm)
-  stats, dense = _dense_parts(qw)
+  stats = first_level_stats(qw)
   _check_stored_stats(stats, grid, n_groups, method)
-  W = np.array(dense)  # becomes dequantize(qw) in numpy: dense + f32(outlier values)
+  # Becomes dequantize(qw) in numpy: dense + f32(outlier values).
+  W = np.array(_dense_from_stats(qw, *stats))
   mask = np.asarray(result.outlier_mask, bool)
   if mask.any():
     qw = _add_outliers(qw, Q, W, mask, method, allow_lossy_outliers)
@@ -438,11 +462,12 @@ def _pack_dense(result, codes: np.ndarray, G: int, perm: np.ndarray | None) -> Q
                          perm=None if perm is None else jnp.asarray(perm), meta=meta)
 
 
-def _check_stored_stats(stats: dict[str, jax.Array], grid, n_groups: int, method: str) -> None:
-  """Raises ValueError unless the stored first-level statistics (`_dense_parts`) equal the
-  grid's scale / zero [d_out, n_groups]."""
-  for which, values in (("scale", grid.scale), ("zero", grid.zero)):
-    stored = np.asarray(stats[which])[:n_groups].T  # [d_out, n_groups]
+def _check_stored_stats(stats: tuple[jax.Array, jax.Array], grid, n_groups: int,
+                        method: str) -> None:
+  """Raises ValueError unless the stored first-level statistics (scale, zero) of
+  `first_level_stats` equal the grid's scale / zero [d_out, n_groups]."""
+  for stat, which, values in zip(stats, ("scale", "zero"), (grid.scale, grid.zero)):
+    stored = np.asarray(stat)[:n_groups].T  # [d_out, n_groups]
     values = np.asarray(values, np.float32)
     bad = _first_mismatch(stored, values)
     if bad.any():

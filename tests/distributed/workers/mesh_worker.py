@@ -10,7 +10,7 @@ GPTQ at 3 bits through the pipeline:
     summation order differs, and the propagated activations differ by matmul rounding only).
   * The quantized model: tiny -> every packed array bit for bit and the same evaluation NLL;
     smollm2 -> bit for bit where the data axis is 1 (1x4: no summation order changes), else
-    the NLL within 1 % (see `SMOLLM2_NLL_RTOL`).
+    the NLL within 3 % (see `SMOLLM2_NLL_RTOL`).
 tiny also stops a 4x1 run after block 0 and resumes it on 2x2 (activations and replay
 checkpoints): the one-device model again.
 The calibration set (10 windows in batches of 4) ends with a batch of 2, padded to 4 rows on a
@@ -42,8 +42,10 @@ H_RTOL = 1e-5
 # f32 summation order of H (0.07 % of block 0's q_proj codes, as for a 1e-7 relative
 # perturbation of H) changes the error feedback of the rest of its row, and every quantized
 # linear changes the inputs of the later ones, so the two 3-bit models differ in many codes
-# while being equally good: measured NLL difference 0.2-0.4 %.
-SMOLLM2_NLL_RTOL = 0.01
+# while being equally good. Measured NLL differences, two runs each: 4x1 -0.48 % and -0.2 %, 2x2
+# +0.006 % and -1.2 % (the all-reduce's summation order is not fixed from run to run), so 3 %; a wrong
+# Hessian is caught by the 1e-5 check on H above, not by this one.
+SMOLLM2_NLL_RTOL = 0.03
 
 
 def tiny_model():

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdquant_jax._numerics import hdot
 from cdquant_jax.distributed import placement
 from cdquant_jax.models.base import CausalLM, default_positions
 from cdquant_jax.models.params import get_path
@@ -58,13 +57,7 @@ def _accumulate(state: hessian.HessianState, x: jax.Array, mask: jax.Array | Non
   if mask is None:
     return hessian.accumulate_batch(state, x)
   keep = (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))
-  # [B, ..., d_in] -> [tokens, d_in], padded rows zero
-  tokens = jnp.where(keep, x, 0).reshape(-1, x.shape[-1]).astype(jnp.float32)
-  n = state.n + jnp.sum(mask)
-  # The running mean of `hessian.accumulate_batch`: H <- H·n_old/n + (2/n) Σ x xᵀ.
-  scaled = tokens * jnp.sqrt(2.0 / n)
-  H = state.H * (state.n / n) + hdot(scaled.T, scaled)
-  return hessian.HessianState(H=H, n=n), jnp.all(jnp.isfinite(tokens))
+  return hessian.accumulate_batch(state, jnp.where(keep, x, 0), rows=jnp.sum(mask))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 7), donate_argnums=(6,))

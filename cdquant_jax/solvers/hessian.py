@@ -51,10 +51,14 @@ class HessianState:
     return cls(H=jnp.zeros((d_in, d_in), jnp.float32), n=jnp.zeros((), jnp.float32))
 
 
-def accumulate_batch(state: HessianState, x: jax.Array) -> tuple[HessianState, jax.Array]:
+def accumulate_batch(state: HessianState, x: jax.Array, rows: jax.Array | None = None
+                     ) -> tuple[HessianState, jax.Array]:
   """Traceable core of `accumulate` (for use inside a caller's jit): the updated state and a
-  bool scalar, whether every value of x is finite. No checks."""
-  b = x.shape[0]
+  bool scalar, whether every value of x is finite. No checks.
+
+  rows: how many of x's b sequences count towards n (scalar; default b), for a batch padded
+  with rows of exact zeros, which add nothing to Σ x xᵀ."""
+  b = x.shape[0] if rows is None else rows
   # [b, ..., d_in] -> [tokens, d_in]
   tokens = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   n = state.n + b

@@ -17,6 +17,7 @@ JAX's monitoring events, so runs report compile time apart from compute time.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import threading
 
@@ -113,3 +114,41 @@ class CompileStats:
     return dict(compile_seconds=round(now.seconds - self._start.seconds, 3),
                 programs_compiled=now.programs - self._start.programs - hits,
                 cache_hits=hits)
+
+
+# Linux's default vm.max_map_count; used where /proc/sys/vm/max_map_count cannot be read.
+_DEFAULT_MAP_LIMIT = 65530
+
+
+def memory_map_usage() -> tuple[int, int] | None:
+  """(memory mappings this process holds, the kernel's per-process limit), or None where
+  /proc is absent (not Linux)."""
+  try:
+    with open("/proc/self/maps", "rb") as maps:
+      count = sum(1 for _ in maps)
+  except OSError:
+    return None
+  try:
+    with open("/proc/sys/vm/max_map_count") as limit_file:
+      limit = int(limit_file.read())
+  except (OSError, ValueError):
+    limit = _DEFAULT_MAP_LIMIT
+  return count, limit
+
+
+def release_programs_near_map_limit(share: float = 0.5) -> bool:
+  """Drops JAX's in-memory program caches (`jax.clear_caches`) once this process holds more
+  than `share` of the kernel's memory-mapping limit; returns whether it did.
+
+  Every compiled XLA:CPU program keeps its own code and data mappings until its cache entry is
+  dropped. A process that compiles many distinct programs (a sweep of points in one process,
+  a test session: ~32,000 mappings after the 250 solver tests) reaches vm.max_map_count
+  (65,530 by default), and LLVM then dies with SIGSEGV on its next mmap instead of raising.
+  Dropped programs compile again (or load from the persistent cache) when next called.
+  """
+  usage = memory_map_usage()
+  if usage is None or usage[0] <= share * usage[1]:
+    return False
+  jax.clear_caches()
+  gc.collect()
+  return True

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from cdquant_jax import compilation
+
 
 @pytest.fixture
 def x64():
@@ -23,3 +25,12 @@ def x64():
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+  """A test session compiles thousands of programs in one worker process; without dropping
+  them it reaches the kernel's memory-mapping limit and the worker dies with SIGSEGV inside
+  LLVM (`compilation.release_programs_near_map_limit`)."""
+  yield
+  compilation.release_programs_near_map_limit(share=0.3)

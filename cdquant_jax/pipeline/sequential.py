@@ -286,6 +286,7 @@ def _quantize_and_propagate(run, model, state: RunState, acts: capture.Activatio
   report = memory.block_report(buffers, obs.timer.memory.window_peak())
   state.records = state.records + [{**r, "block_memory": report} for r in block_records]
   memory.release_freed()  # the replaced block's buffers (see `memory.release_freed`)
+  compilation.release_programs_near_map_limit()  # a long run's programs (see there)
   state.block = i + 1
   obs.phase("transfer_seconds")
   return acts

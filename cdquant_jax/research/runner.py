@@ -41,7 +41,7 @@ import numpy
 
 import cdquant_jax
 from cdquant_jax import config as config_lib
-from cdquant_jax import data, io_utils
+from cdquant_jax import compilation, data, io_utils
 from cdquant_jax.models import registry
 from cdquant_jax.models.aliases import resolve_model_path
 from cdquant_jax.models.errors import ModelLoadError
@@ -384,6 +384,7 @@ def run_sweep(sweep: sweep_lib.SweepConfig, *, out: str | None = None, cache: st
       hook = None if after_block is None else (lambda i, name=job.name: after_block(name, i))
       results[job.name] = run_point(job, after_block=hook, progress=progress)["status"]
       report(f"[{k}/{len(all_jobs)}] {job.name}: {results[job.name]}")
+      compilation.release_programs_near_map_limit()  # points compile distinct programs
   else:
     results = _run_isolated([_with_bank(job) for job in all_jobs], jobs, report, devices)
   return SweepOutcome(directory, skipped, tuple(n for n, s in results.items() if s == "done"),

@@ -55,6 +55,7 @@ def pallas_packed_matmul(x: jax.Array, qw: QuantizedWeight, *,
                          config: BlockConfig = BlockConfig(),
                          interpret: bool = False) -> jax.Array:
   """Dense Pallas kernel + outlier Pallas kernel: x [B, d_in] -> f32 [B, d_out]."""
+  config.require_outliers("pallas_triton", ("separate",))
   if x.shape[0] > config.max_batch:
     return dequantized_dot(x, qw)
   plan = make_plan(qw, x.shape[0], x.dtype, config)

@@ -27,6 +27,9 @@ from cdquant_jax.quant import packing
 from cdquant_jax.quant.qweight import QuantizedWeight, first_level_stat
 
 COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# BlockConfig.outliers: "separate" = a second kernel adds the CSR outliers; "fused" = the dense
+# kernel adds them itself (x is already in its shared memory).
+OUTLIER_MODES = ("separate", "fused")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,20 @@ class BlockConfig:
   # Outlier kernel: output rows per program and CSR entries per vector step.
   outlier_rows: int = 16
   outlier_chunk: int = 32
+  # Where the CSR outliers are added: "separate" (own kernel) or "fused" (in the dense kernel);
+  # an implementation that cannot honour the value raises ValueError (see require_outliers).
+  outliers: str = "separate"
+
+  def __post_init__(self):
+    if self.outliers not in OUTLIER_MODES:
+      raise ValueError(f"BlockConfig.outliers must be one of {OUTLIER_MODES}, "
+                       f"got {self.outliers!r}")
+
+  def require_outliers(self, implementation: str, supported: tuple[str, ...]) -> None:
+    """ValueError naming the field and value when `implementation` cannot honour it."""
+    if self.outliers not in supported:
+      raise ValueError(f"BlockConfig.outliers={self.outliers!r} is not supported by "
+                       f"{implementation!r} (supported: {supported})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """The shared suite on the Pallas kernels in interpret mode (CPU CI), plus registry checks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from cdquant_jax.kernels.packed_matmul import available_implementations, packed_matmul
+from cdquant_jax.kernels.packed_matmul import BlockConfig, available_implementations
+from cdquant_jax.kernels.packed_matmul import packed_matmul
 from cdquant_jax.kernels.packed_matmul import select_implementation
 from tests.kernels.packed_matmul.cases import case
 from tests.kernels.packed_matmul.test_base import PackedMatmulSuite
@@ -37,3 +40,16 @@ def test_without_gpu_auto_falls_back_to_reference_and_native_pallas_explains_why
     select_implementation("pallas_triton", interpret=False)
   impl, interpret, _ = select_implementation("pallas_triton", None)
   assert impl.name == "pallas_triton" and interpret
+
+
+def test_block_config_rejects_an_unknown_outlier_mode():
+  with pytest.raises(ValueError, match=r"BlockConfig.outliers must be one of .* got 'inline'"):
+    BlockConfig(outliers="inline")
+
+
+def test_triton_rejects_fused_outliers_naming_the_field():
+  _, qw = case("spqr_w2_g16_qq2_fewoutliers")
+  config = dataclasses.replace(BlockConfig(), outliers="fused")
+  with pytest.raises(ValueError, match=r"BlockConfig.outliers='fused' .* 'pallas_triton'"):
+    packed_matmul(jnp.zeros((1, 96)), qw, implementation="pallas_triton", interpret=True,
+                  config=config)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from cdquant_jax import config as config_lib
 from cdquant_jax import io_utils
@@ -109,6 +109,40 @@ def storage_dtype(a: np.ndarray, source: str | None) -> str:
   return next(t for t in candidates if _holds_exactly(a, t))
 
 
+def unquantized_tensors(params: Params, skip: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+  """(dotted name, host array) of every parameter whose name is not in `skip`, in `flatten`'s
+  order, reading params["layers"] one block at a time (`layers[i]`: a lazy sequence reads
+  block i from disk here and drops it after its tensors are used)."""
+  for key in sorted(params):
+    if key != "layers":
+      yield from _named_host_arrays({key: params[key]}, skip)
+      continue
+    layers = params[key]
+    for i in range(len(layers)):
+      # {"layers": {i: block i}}: flatten's dotted names; freed before block i + 1 is read
+      yield from _named_host_arrays({key: {i: layers[i]}}, skip)
+
+
+def _named_host_arrays(part: Params, skip: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+  for name, leaf in flatten(part).items():
+    if name not in skip:
+      yield name, np.asarray(leaf)
+
+
+def _stored_arrays(params: Params, skip: set[str], specs, source_dtypes: dict[str, str]
+                   ) -> Iterator[np.ndarray]:
+  """The tensors of `unquantized_tensors`, each in its `storage_dtype`, one at a time; their
+  names are checked against `specs` (name, shape), the model's, in the same order."""
+  count = 0  # not zip/enumerate: their reused result tuple keeps the last array
+  for name, a in unquantized_tensors(params, skip):
+    if count >= len(specs) or name != specs[count][0]:
+      expected = specs[count][0] if count < len(specs) else "no more"
+      raise ValueError(f"params: parameter {name} where the model has {expected}")
+    yield a.astype(storage_dtype(a, source_dtypes.get(name)), copy=False)
+    del a  # not held while the next block is read
+    count += 1
+
+
 def write_model_dir(directory: str, model, params: Params, qweights: dict[str, QuantizedWeight],
                     *, tokenizer=None, run_config=None, extra: dict | None = None,
                     source_dtypes: dict[str, str] | None = None,
@@ -116,6 +150,9 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
   """Writes model.json, params.safetensors, quantized.safetensors (+ tokenizer, run config).
 
   params: the model's params (the entries at quantized linears' weights are not written);
+    params["layers"] may be any sequence of blocks: params.safetensors is written one tensor
+    at a time and the blocks are indexed one at a time, twice (types and shapes, then data),
+    so a lazy sequence (`weights.for_export`) is never held whole;
   qweights: module name -> QuantizedWeight;
   source_dtypes: dotted parameter name -> the source checkpoint's type of the tensor (what
     `registry.load_model(..., source_dtypes=)` fills in); names left out are stored in their
@@ -124,17 +161,13 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
     under "token_hashes" (beside the RunConfig's fields).
   """
   os.makedirs(directory, exist_ok=True)
-  dtype = jax.tree.leaves(params)[0].dtype
   skip = {f"{name}.weight" for name in qweights}
   source_dtypes = source_dtypes or {}
-  tensors = {}
-  for name, leaf in flatten(params).items():
-    if name in skip:
-      continue
-    a = np.asarray(leaf)
-    tensors[name] = a.astype(storage_dtype(a, source_dtypes.get(name)), copy=False)
-  with io_utils.atomic_path(os.path.join(directory, PARAMS_FILE)) as tmp:
-    save_file(tensors, tmp)
+  dtype = np.asarray(jax.tree.leaves({k: v for k, v in params.items() if k != "layers"})[0]).dtype
+  specs = [(name, leaf.shape) for name, leaf in flatten(model.param_shapes(dtype)).items()
+           if name not in skip]
+  io_utils.atomic_write_safetensors(os.path.join(directory, PARAMS_FILE), specs,
+                                    _stored_arrays(params, skip, specs, source_dtypes))
   with io_utils.atomic_path(os.path.join(directory, QUANTIZED_FILE)) as tmp:
     serialize.save_quantized(tmp, qweights, extra=extra)
   io_utils.atomic_write_json(os.path.join(directory, MODEL_FILE), dict(

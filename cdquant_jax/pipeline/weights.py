@@ -253,14 +253,31 @@ def with_stored(params: Params, i: int, quantized: dict[Path, QuantizedWeight],
   return {**params, "layers": params["layers"].with_stored(i, StoredBlock(quantized, tensors))}
 
 
+class UnquantizedLayers(collections.abc.Sequence):
+  """A view of a `LazyLayers` whose item i is `layers.unquantized(i)`, read when indexed."""
+
+  def __init__(self, layers: LazyLayers):
+    self._layers = layers
+
+  def __len__(self) -> int:
+    return len(self._layers)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      raise TypeError("UnquantizedLayers: index one block at a time (a slice reads several)")
+    i = operator.index(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"block {i} of {len(self)}")
+    return self._layers.unquantized(i)
+
+
 def for_export(params: Params) -> Params:
-  """params for `export.write_model_dir`: resident ones as they are; lazy ones as a plain
-  tree whose blocks lack the quantized linears' weights (not written; read one block at a
-  time, the unquantized leaves of every block are held together for the file)."""
+  """params for `export.write_model_dir`: resident ones as they are; for lazy ones a view
+  whose blocks lack the quantized linears' weights (not written), each read from the
+  checkpoint when the export indexes it."""
   if not is_lazy(params):
     return params
-  layers = params["layers"]
-  return {**outer(params), "layers": [layers.unquantized(i) for i in range(len(layers))]}
+  return {**outer(params), "layers": UnquantizedLayers(params["layers"])}
 
 
 def model_hash(model, params: Params) -> str:

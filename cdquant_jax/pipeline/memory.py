@@ -37,6 +37,59 @@ def current_host_mib() -> float:
   return psutil.Process().memory_info().rss / MIB
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+  except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+    return None
+  fn.restype = _MallInfo2
+  return fn
+
+
+def _smaps_rollup_kib() -> dict[str, int]:
+  """{"Rss": KiB, "Anonymous": KiB, ...} of /proc/self/smaps_rollup ({} where absent)."""
+  try:
+    with open("/proc/self/smaps_rollup") as f:
+      lines = f.readlines()[1:]  # the first names the address range
+  except OSError:
+    return {}
+  fields = (line.split() for line in lines)
+  return {f[0].rstrip(":"): int(f[1]) for f in fields if len(f) >= 2 and f[1].isdigit()}
+
+
+def rss_breakdown_mib() -> dict[str, float] | None:
+  """What the resident set is made of now (MiB), or None off Linux.
+
+  anonymous: resident anonymous memory (malloc's heap and mappings, XLA's buffers, thread
+    stacks); file: resident file-backed pages (the shared libraries' code and data: jaxlib,
+    numpy, ...; their resident share of F). From /proc/self/smaps_rollup.
+  malloc_in_use: bytes glibc malloc has handed out and not had back (uordblks + hblkhd);
+  malloc_free: bytes freed to malloc and kept in its arenas outside the top chunk (fordblks -
+    keepcost): an upper bound on the resident memory malloc holds for reuse (malloc_trim
+    returns whole free pages of them to the OS, which are then still counted here).
+  """
+  smaps = _smaps_rollup_kib()
+  if not smaps:
+    return None
+  out = {"anonymous": smaps.get("Anonymous", 0) / 1024,
+         "file": (smaps.get("Rss", 0) - smaps.get("Anonymous", 0)) / 1024}
+  info = _mallinfo2()
+  if info is not None:
+    m = info()
+    out.update(malloc_in_use=(m.uordblks + m.hblkhd) / MIB,
+               malloc_free=(m.fordblks - m.keepcost) / MIB)
+  return {k: round(v, 1) for k, v in out.items()}
+
+
 def device_memory_mib() -> dict[str, float] | None:
   """{"peak": MiB, "in_use": MiB} of the first device, or None where memory_stats() is absent
   (the CPU backend)."""
@@ -63,6 +116,10 @@ class PhaseMemory:
     self._lock = threading.Lock()
     self._since_mark = self._since_window = self._rss()
     self.phases: dict[str, float] = {}
+    # rss_breakdown_mib() when the RSS reached its highest sample so far (taken then, by the
+    # sampler: the breakdown of the peak, not of the end of the run)
+    self.peak_breakdown: dict[str, float] | None = None
+    self._highest = 0.0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample, daemon=True, name="rss-sampler")
     self._thread.start()
@@ -72,7 +129,13 @@ class PhaseMemory:
 
   def _sample(self) -> None:
     while not self._stop.wait(self._interval):
-      self._observe(self._rss())
+      rss = self._rss()
+      self._observe(rss)
+      if rss > self._highest + 1.0:  # a new peak (by more than 1 MiB): what it is made of
+        self._highest = rss
+        breakdown = rss_breakdown_mib()
+        if breakdown is not None:
+          self.peak_breakdown = dict(breakdown, rss=round(rss, 1))
 
   def _observe(self, rss: float) -> None:
     with self._lock:
@@ -178,6 +241,7 @@ def memory_report() -> dict:
   if tracker is not None:
     tracker.mark("report")
     out["phases_host_mib"] = {k: v for k, v in tracker.phases.items() if k != "report"}
+    out["peak_breakdown_mib"] = tracker.peak_breakdown
   return out
 
 

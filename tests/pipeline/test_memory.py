@@ -213,6 +213,40 @@ def test_phase_memory_charges_a_peak_to_its_phase():
   assert tracker.phases["after"] <= tracker.phases["big"] - 32
 
 
+@pytest.mark.skipif(memory.rss_breakdown_mib() is None, reason="needs /proc/self/smaps_rollup")
+def test_rss_breakdown_names_an_allocation_and_its_release():
+  before = memory.rss_breakdown_mib()
+  big = np.ones(96 * memory.MIB // 8)  # 96 MiB through malloc (mmapped: above its threshold)
+  held = memory.rss_breakdown_mib()
+  assert held["anonymous"] >= before["anonymous"] + 90
+  assert abs(held["file"] - before["file"]) < 8
+  if "malloc_in_use" in held:  # glibc
+    assert held["malloc_in_use"] >= before["malloc_in_use"] + 95
+  rss = memory.current_host_mib()
+  assert abs(held["anonymous"] + held["file"] - rss) < 16
+  del big
+  after = memory.rss_breakdown_mib()
+  assert after["anonymous"] <= held["anonymous"] - 90
+  if "malloc_in_use" in held:
+    assert after["malloc_in_use"] <= held["malloc_in_use"] - 95
+
+
+def test_the_peak_breakdown_is_taken_at_the_peak():
+  with memory.tracking() as tracker:
+    big = np.ones(128 * memory.MIB // 8)
+    time.sleep(0.2)
+    del big
+    time.sleep(0.05)
+    report = memory.memory_report()
+  breakdown = report["peak_breakdown_mib"]
+  if memory.rss_breakdown_mib() is None:
+    assert breakdown is None
+    return
+  assert breakdown["rss"] >= memory.current_host_mib() + 100  # the peak's, not the end's
+  assert breakdown["anonymous"] + breakdown["file"] == pytest.approx(breakdown["rss"], abs=16)
+  assert tracker.peak_breakdown is breakdown
+
+
 def test_state_dicts_are_converted_one_tensor_at_a_time():
   """f32 source tensors loaded as bf16 params (so no param can alias its source): each source
   tensor is dropped once converted (at most the previous one lingers, held by its asynchronous

@@ -1,15 +1,20 @@
-"""Every Pallas kernel lowers for CUDA on a CPU-only machine (Triton backend).
+"""Every Pallas kernel lowers for CUDA on a CPU-only machine (Triton and Mosaic GPU backends).
 
-jax.jit(f).trace(...).lower(lowering_platforms=("cuda",)) runs the Pallas→Triton lowering, so
-operations a GPU backend cannot lower (gathers from registers, non-power-of-2 arrays,
-multi-argument concatenates, ...) fail here in CI rather than on the GPU machine.
+jax.jit(f).trace(...).lower(lowering_platforms=("cuda",)) runs the Pallas→Triton and the
+Pallas→Mosaic GPU lowerings, so operations a GPU backend cannot lower (gathers from registers,
+non-power-of-2 arrays, multi-argument concatenates, unannotated layouts, block copies Mosaic
+cannot express, ...) fail here in CI rather than on the GPU machine. The Mosaic kernel's
+numerics are checked on CPU by tests/kernels/packed_matmul/test_mosaic_emulation.py.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from cdquant_jax.kernels.packed_matmul import BlockConfig, pallas_packed_matmul
+from cdquant_jax.kernels.packed_matmul import (BlockConfig, mosaic_packed_matmul,
+                                               pallas_packed_matmul)
 from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, case
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -38,3 +43,45 @@ def test_default_gpu_tiles_lower_for_cuda():
   _, qw = case("spqr_w3_g16_qq3")
   text = _lowered_text(qw, 1, jnp.bfloat16, BlockConfig())
   assert text.count(TRITON_CALL) == 2
+
+
+MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu"
+# Every case at decode batches 1, 4, 16 and a prefill batch (2 token blocks of 128) in bf16;
+# f16 and f32 activations (f32 is multiplied as bf16) on the cases with qq statistics.
+MOSAIC_LOWER = [(name, batch, jnp.bfloat16) for name in BUILDERS for batch in (1, 4, 16, 256)
+                ] + [(name, batch, dtype) for name in ("spqr_w3_g16_qq3", "w3_g16_actorder")
+                     for batch in (1, 16) for dtype in (jnp.float16, jnp.float32)]
+
+
+def _mosaic_text(qw, batch, dtype, config):
+  f = lambda x, w: mosaic_packed_matmul(x, w, config=config)
+  x = jax.ShapeDtypeStruct((batch, qw.meta.d_in), dtype)
+  return jax.jit(f).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name, batch, dtype", MOSAIC_LOWER,
+                         ids=[f"{n}-B{b}-{jnp.dtype(d).name}" for n, b, d in MOSAIC_LOWER])
+def test_mosaic_kernel_lowers_for_cuda(name, batch, dtype):
+  _, qw = case(name)
+  text = _mosaic_text(qw, batch, dtype, TEST_CONFIG)
+  # "separate" (the default): the dense kernel, plus the outlier launch when there are outliers
+  assert text.count(MOSAIC_CALL) == 1 + (qw.meta.nnz > 0)
+
+
+FUSED = [(name, batch) for name in ("spqr_w3_g16_qq3", "spqr_w2_g16_qq2_fewoutliers")
+         for batch in (1, 16, 256)]
+
+
+@pytest.mark.parametrize("name, batch", FUSED, ids=[f"{n}-B{b}" for n, b in FUSED])
+def test_mosaic_fused_outliers_lower_as_one_kernel(name, batch):
+  _, qw = case(name)
+  assert qw.meta.nnz > 0
+  config = dataclasses.replace(TEST_CONFIG, outliers="fused")
+  assert _mosaic_text(qw, batch, jnp.bfloat16, config).count(MOSAIC_CALL) == 1
+
+
+def test_mosaic_default_gpu_tiles_lower_for_cuda():
+  _, qw = case("spqr_w3_g16_qq3")
+  for config in (BlockConfig(), BlockConfig(outliers="fused")):
+    text = _mosaic_text(qw, 1, jnp.bfloat16, config)
+    assert text.count(MOSAIC_CALL) == (2 if config.outliers == "separate" else 1)

@@ -121,11 +121,12 @@ def _mosaic_unavailable(interpret: bool) -> str | None:
   if pallas_mosaic.plgpu is None:
     return (f"jax.experimental.pallas.mosaic_gpu cannot be imported "
             f"({pallas_mosaic.IMPORT_ERROR})")
+  if not _has_gpu():
+    return (f"no GPU (jax backend {jax.default_backend()!r}); it needs a Hopper GPU (no "
+            "interpret mode)")
   if interpret:
     return ("no interpret mode (Mosaic GPU's interpreter does not support the kernel's "
             "transposed and tiled refs, see pallas_mosaic.py); it runs natively on Hopper only")
-  if not _has_gpu():
-    return f"no GPU (jax backend {jax.default_backend()!r}); it needs a Hopper GPU"
   capability = gpu_compute_capability()
   if not _is_hopper(capability):
     return f"needs a Hopper GPU (compute capability 9.x), found {capability!r}"

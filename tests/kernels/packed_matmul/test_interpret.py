@@ -1,6 +1,7 @@
 """The shared suite on the Pallas kernels in interpret mode (CPU CI), plus registry checks."""
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ from cdquant_jax.kernels.packed_matmul import packed_matmul
 from cdquant_jax.kernels.packed_matmul import select_implementation
 from tests.kernels.packed_matmul.cases import case
 from tests.kernels.packed_matmul.test_base import PackedMatmulSuite
+
+# the registry module (cdquant_jax.kernels re-exports a function of the same name)
+registry = importlib.import_module("cdquant_jax.kernels.packed_matmul")
 
 
 class TestPallasTritonInterpret(PackedMatmulSuite):
@@ -53,3 +57,27 @@ def test_triton_rejects_fused_outliers_naming_the_field():
   with pytest.raises(ValueError, match=r"BlockConfig.outliers='fused' .* 'pallas_triton'"):
     packed_matmul(jnp.zeros((1, 96)), qw, implementation="pallas_triton", interpret=True,
                   config=config)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU fallback")
+def test_without_gpu_mosaic_explains_it_needs_hopper_and_has_no_interpret_mode():
+  for interpret in (False, True):
+    assert "needs a Hopper GPU" in available_implementations(interpret)["pallas_mosaic"]
+  with pytest.raises(ValueError, match="'pallas_mosaic' cannot run: no GPU"):
+    select_implementation("pallas_mosaic", None)
+
+
+@pytest.mark.parametrize("capability, expected", [("9.0", "pallas_mosaic"),
+                                                  ("8.0", "pallas_triton"),
+                                                  ("10.0", "pallas_triton")])
+def test_auto_picks_mosaic_on_hopper_only(monkeypatch, capability, expected):
+  monkeypatch.setattr(registry, "_has_gpu", lambda: True)
+  monkeypatch.setattr(registry, "gpu_compute_capability", lambda: capability)
+  impl, interpret, why = select_implementation(None, None)
+  assert impl.name == expected and not interpret and expected in why
+  # interpret=True asks for the interpreter: only the Triton kernel has one
+  impl, interpret, _ = select_implementation(None, True)
+  assert impl.name == "pallas_triton" and interpret
+  if expected == "pallas_triton":
+    with pytest.raises(ValueError, match=f"needs a Hopper GPU .* found '{capability}'"):
+      select_implementation("pallas_mosaic", False)

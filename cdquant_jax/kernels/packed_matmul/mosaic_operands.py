@@ -30,8 +30,10 @@ from cdquant_jax.quant import packing
 from cdquant_jax.quant.qweight import QuantizedWeight, outlier_rows
 
 # Tokens per block at most (the wgmma N and the f32 accumulator's register footprint
-# bn·tb/128 per thread: 128 at bn = tb = 128); decode batches use 8 or 16.
+# bn·tb/128 per thread: 128 at bn = tb = 128); decode batches use 8 or 16. Halved while the
+# shared memory of a launch exceeds SMEM_BUDGET (H100: 227 KiB per block, some kept spare).
 MAX_TOKEN_BLOCK = 128
+SMEM_BUDGET = 200 * 1024
 MIN_BLOCK_N = 64  # the wgmma M granule
 MAX_BLOCK = 256  # Mosaic GPU TMA: at most 256 elements per dimension of a block copy
 
@@ -98,23 +100,49 @@ def make_mosaic_plan(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.
   S = slots_per_row(meta.bits)
   bk_min = max(64, 8 * S)  # R ≥ 8 and x rows of ≥ 64 bf16 (one 128-byte swizzle line)
   bk = max(bk_min, min(config.block_k, MAX_BLOCK))
-  if not plan_lib._is_pow2(bk):
+  if not plan_lib._is_pow2(config.block_k):
     raise ValueError(f"BlockConfig.block_k must be a power of 2, got {config.block_k}")
+  tb = min(MAX_TOKEN_BLOCK, -(-batch // 8) * 8)
+  while True:  # shrink to the budget: tokens down to 64, then K rows, then tokens again
+    plan = _plan_for(qw, batch, x_dtype, config, bk, tb)
+    if tb == 8 or smem_bytes(plan, outliers=meta.nnz > 0) <= SMEM_BUDGET:
+      return plan
+    if tb > 64 or bk == bk_min:
+      tb //= 2
+    else:
+      bk //= 2
+
+
+def _plan_for(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.BlockConfig,
+              bk: int, tb: int) -> MosaicPlan:
+  meta = qw.meta
   scale = plan_lib._stat_spec(qw, "scale", bk)
   zero = plan_lib._stat_spec(qw, "zero", bk)
   bn = min(MAX_BLOCK, max(MIN_BLOCK_N, config.block_n, scale.qq, zero.qq))
   bn = -(-bn // MIN_BLOCK_N) * MIN_BLOCK_N
-  tb = min(MAX_TOKEN_BLOCK, -(-batch // 8) * 8)
   n_blocks = -(-meta.d_out // bn)
   k_tiles = -(-meta.k_pad // bk)
   token_blocks = -(-batch // tb)
   target = config.k_splits or max(1, 264 // (n_blocks * token_blocks))
-  return MosaicPlan(bits=meta.bits, slots=S, bk=bk, bn=bn, tb=tb, token_blocks=token_blocks,
-                    n_blocks=n_blocks, k_tiles=k_tiles,
-                    k_splits=_largest_divisor(k_tiles, target), scale=scale, zero=zero,
+  splits = _largest_divisor(k_tiles, target)
+  return MosaicPlan(bits=meta.bits, slots=slots_per_row(meta.bits), bk=bk, bn=bn, tb=tb,
+                    token_blocks=token_blocks, n_blocks=n_blocks, k_tiles=k_tiles,
+                    k_splits=splits, scale=scale, zero=zero,
                     operand_dtype=operand_dtype_name(x_dtype), d_out=meta.d_out,
                     fused_outliers=config.outliers == "fused",
-                    stages=max(1, min(config.num_stages, k_tiles)))
+                    stages=max(1, min(config.num_stages, k_tiles // splits)))
+
+
+def smem_bytes(plan: MosaicPlan, outliers: bool) -> int:
+  """Shared memory of the dense launch (the larger one): pipelined x and code blocks per
+  stage, the weight tile, the output block and (outliers) the f16 patch; statistics blocks
+  (≤ a few KiB) are not counted."""
+  x_block = plan.tb * plan.bk * 2
+  code_block = plan.planes * plan.rows * plan.bn * 4
+  weight_tile = plan.bk * plan.bn * 2
+  out_block = plan.bn * plan.tb * 4
+  patch = plan.bk * plan.bn * 2 if outliers else 0
+  return plan.stages * (x_block + code_block) + weight_tile + out_block + patch
 
 
 def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -28,9 +28,10 @@ only the patches (two Mosaic calls; compare the cost with experiments/bench_kern
 Dtypes: wgmma takes 16-bit inputs; f16 x stays f16, bf16 and f32 x (and any other dtype) are
 multiplied as bf16 with f32 accumulation (f32 x therefore has bf16 input rounding: the f32
 tolerance of the shared suite does not apply to this implementation, see test_gpu.py). Any
-batch runs in the kernel: prefill batches (B up to hundreds) use token blocks of 128, each
-re-decoding the weight tiles into the wgmma (a quantized model never falls back to a dense
-dequantized copy).
+batch runs in the kernel: prefill batches (B up to hundreds) use token blocks of up to 128,
+each re-decoding the weight tiles into the wgmma (a quantized model never falls back to a dense
+dequantized copy); mosaic_operands.make_mosaic_plan shrinks the token block (to 64), then bk,
+then the token block again until a launch's shared memory fits SMEM_BUDGET (200 KiB).
 
 What the CPU checks (tests/kernels/test_lowering.py): the kernel lowers for CUDA on every test
 case, batch, dtype and outlier mode (`stablehlo.custom_call @mosaic_gpu_v2`). Its numerics run

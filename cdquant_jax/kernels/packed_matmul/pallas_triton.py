@@ -8,8 +8,8 @@ needs ≤256-element block copies, explicit register layouts (`plgpu.layout_cast
 iota) and wgmma-shaped operands (M ≥ 64), i.e. a different kernel (swap-AB with the decoded
 weight tile as the wgmma M operand, kernels.md §6). Passing `plt.CompilerParams` selects Triton
 whatever `jax_pallas_use_mosaic_gpu` says. The implementation is chosen by name in
-`packed_matmul(..., implementation=...)` (a model's `LinearOptions`); a Mosaic GPU kernel would
-be registered beside this one.
+`packed_matmul(..., implementation=...)` (a model's `LinearOptions`); the Mosaic GPU kernel
+(pallas_mosaic.py) is registered beside this one and is the "auto" choice on Hopper.
 
 Grid (n_blocks, k_splits). Program (j, s) owns output channels [j·bn, (j+1)·bn) and K tiles
 [s·tps, min((s+1)·tps, k_tiles)) (tps = tiles per split) and writes a partial [B_pad, bn];

@@ -54,7 +54,15 @@ BUILDERS = {
 }
 
 
+# Model-like widths (not in BUILDERS: too large for the interpreted suite): default tiles,
+# several pipeline steps and K splits, shared-memory budget at prefill.
+WIDE_BUILDERS = {
+    "wide_w4_g128": lambda: _rtn(4, 128, 256, 4096),
+    "wide_spqr_w3_g16_qq3": lambda: _spqr(3, 3, 256, 2048, True, 0.01),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def case(name: str):
   """(SolveResult, QuantizedWeight) of a named case (built once per test session)."""
-  return BUILDERS[name]()
+  return {**BUILDERS, **WIDE_BUILDERS}[name]()

@@ -16,10 +16,12 @@ import pytest
 
 from cdquant_jax.kernels.packed_matmul import mosaic_emulation, mosaic_operands
 from cdquant_jax.kernels.packed_matmul import BlockConfig
-from cdquant_jax.quant.qweight import dequantize, weight_without_outliers
-from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, case
+from cdquant_jax.quant.qweight import dequantize, outlier_rows, weight_without_outliers
+from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, WIDE_BUILDERS, case
 
 GRID = [(name, 3, jnp.bfloat16, "separate") for name in BUILDERS] + [
+    ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "separate"),
+    ("wide_w4_g128", 2, jnp.bfloat16, "separate")] + [
     (name, 3, jnp.bfloat16, "fused") for name in ("spqr_w3_g16_qq3",
                                                   "spqr_w2_g16_qq2_fewoutliers")] + [
     ("w3_g16_actorder", 1, jnp.float16, "separate"), ("w4_g32_f16", 16, jnp.float32, "separate"),
@@ -36,7 +38,9 @@ def _oracle(x, qw, operand_dtype, outliers: str):
   if outliers == "fused" or qw.meta.nnz == 0:
     return xr @ _rounded(dequantize(qw), operand_dtype).T
   dense = weight_without_outliers(qw)
-  sparse = np.asarray(dequantize(qw)) - np.asarray(dense)  # exact: the outliers alone
+  # the outliers alone [d_out, d_in] (original column order, like the dense weight)
+  sparse = jnp.zeros_like(dense).at[outlier_rows(qw), qw.outlier_col_idx].add(
+      qw.outlier_values.astype(jnp.float32))
   return xr @ (_rounded(dense, operand_dtype) + _rounded(sparse, operand_dtype)).T
 
 
@@ -45,8 +49,9 @@ def _oracle(x, qw, operand_dtype, outliers: str):
 def test_emulated_kernel_matches_rounded_weights(name, batch, dtype, outliers):
   _, qw = case(name)
   x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, qw.meta.d_in)), dtype)
-  config = dataclasses.replace(TEST_CONFIG, outliers=outliers)
-  y = mosaic_emulation.emulate(x, qw, config)
+  # model widths: the default tiles with 2 K splits (several statistic chunks per block)
+  base = BlockConfig(k_splits=2) if name in WIDE_BUILDERS else TEST_CONFIG
+  y = mosaic_emulation.emulate(x, qw, dataclasses.replace(base, outliers=outliers))
   operand = mosaic_operands.operand_dtype_name(dtype)
   oracle = _oracle(x, qw, operand, outliers)
   assert y.shape == (batch, qw.meta.d_out)
@@ -57,13 +62,25 @@ def test_plan_pads_decode_batches_to_the_wgmma_n_and_tiles_prefill():
   _, qw = case("w4_g32_actorder")
   tiles = {b: mosaic_operands.make_mosaic_plan(qw, b, jnp.bfloat16, BlockConfig())
            for b in (1, 8, 9, 16, 256)}
-  assert [(p.tb, p.token_blocks) for p in tiles.values()] == [
-      (8, 1), (8, 1), (16, 1), (16, 1), (128, 2)]
+  assert [(p.tb, p.token_blocks) for p in tiles.values()][:4] == [
+      (8, 1), (8, 1), (16, 1), (16, 1)]
+  prefill = tiles[256]  # largest token block whose launch fits the shared-memory budget
+  assert prefill.tb * prefill.token_blocks == 256 and prefill.tb >= 64
   plan = tiles[1]
   assert plan.bn % 64 == 0 and plan.rows % 8 == 0 and plan.k_tot >= qw.meta.k_pad
   assert plan.operand_dtype == "bfloat16"
   f16 = mosaic_operands.make_mosaic_plan(qw, 1, jnp.float16, BlockConfig())
   assert f16.operand_dtype == "float16"
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS) + sorted(WIDE_BUILDERS))
+def test_default_tiles_fit_shared_memory_at_prefill(name):
+  _, qw = case(name)
+  for outliers in ("separate", "fused"):
+    plan = mosaic_operands.make_mosaic_plan(qw, 256, jnp.bfloat16,
+                                            BlockConfig(outliers=outliers))
+    assert mosaic_operands.smem_bytes(plan, qw.meta.nnz > 0) <= mosaic_operands.SMEM_BUDGET
+    assert plan.tb * plan.token_blocks >= 256 and plan.tb % 8 == 0
 
 
 def test_slot_order_permutes_each_tile():

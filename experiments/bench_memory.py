@@ -211,7 +211,8 @@ def child_smollm2(overrides: list[str], fixed_mib: float, jax_cache: str | None 
               budget=terms, work=work, seconds=metrics["timing"]["quantize_seconds"],
               objective=metrics["summary"]["objective_sum"],
               ppl=metrics.get("perplexity", {}).get("bundled", {}).get("ppl"),
-              compile=stats.report(), timing=metrics["timing"])
+              compile=stats.report(), timing=metrics["timing"],
+              peak_breakdown=metrics["memory"].get("peak_breakdown_mib"))
 
 
 def _smollm2_hf_config() -> dict:
@@ -316,6 +317,24 @@ def phase_table(rows: list[tuple[str, dict]]) -> list[str]:
   return lines
 
 
+def breakdown_table(rows: list[tuple[str, dict]]) -> list[str]:
+  """What each run's resident set was made of at its highest sample (`memory.rss_breakdown_mib`,
+  taken by the sampler at that moment), against the accounted budget less F."""
+  lines = ["| run | RSS at the peak sample | file-backed | anonymous | malloc in use | "
+           "malloc free, kept | anonymous outside malloc | budget - F |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, r in rows:
+    b = r.get("peak_breakdown")
+    if not b or "malloc_in_use" not in b:
+      continue
+    outside = b["anonymous"] - b["malloc_in_use"] - b["malloc_free"]
+    rest = (sum(r["budget"].values()) - r["budget"]["F_runtime"]) / MIB
+    lines.append(f"| {name} | {b['rss']:,.0f} | {b['file']:,.0f} | {b['anonymous']:,.0f} | "
+                 f"{b['malloc_in_use']:,.0f} | {b['malloc_free']:,.0f} | {outside:,.0f} | "
+                 f"{rest:,.0f} |")
+  return lines if len(lines) > 2 else []
+
+
 def report(results: dict, args) -> str:
   out = ["# Host memory of the calibration pipeline (experiments/bench_memory.py)", "",
          f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -336,6 +355,15 @@ def report(results: dict, args) -> str:
             "run without evaluation, quantizing the first 3 blocks (the other 27 only "
             "propagate). Phases are those of metrics.json's timing (nan: not in that run).", ""]
     out += phase_table(rows) + [""]
+    table = breakdown_table(rows)
+    if table:
+      out += ["What the peak is made of (MiB; /proc/self/smaps_rollup and glibc mallinfo2 at "
+              "the highest RSS sample). File-backed: resident pages of the shared libraries "
+              "(jaxlib, numpy, ...). Malloc in use: bytes handed out by glibc malloc (numpy "
+              "and XLA buffers, compiled programs' data, Python objects above 512 bytes); "
+              "malloc free, kept: freed to malloc and held for reuse (an upper bound on its "
+              "resident part). Anonymous outside malloc: pymalloc arenas, thread stacks, "
+              "LLVM's code mappings.", ""] + table + [""]
     by_name = dict(rows)
     for name in (DEMO, "demo, weights=disk"):
       if name in by_name and "budget" in by_name[name]:

@@ -6,6 +6,7 @@ depend on it (test_linear_options_reach_packed_matmul checks the real one).
 """
 
 import argparse
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from cdquant_jax.cli import generate
 from cdquant_jax.kernels import linear as kernels_linear
 from cdquant_jax.kernels import quantized_linear
+from cdquant_jax.kernels.packed_matmul import pallas_mosaic
 from cdquant_jax.models import layers, registry
 from cdquant_jax.models.layers import LinearOptions, get_path
 from cdquant_jax.pipeline import export
@@ -81,6 +83,45 @@ def test_tiny_prefill_and_cached_decode_logits_equal_dequantized(tiny, quantized
   _assert_close(q_pre, d_pre)
   nxt = jnp.asarray([[7]], jnp.int32)
   _assert_close(step(qparams, nxt, q_cache)[0], step(dparams, nxt, d_cache)[0])
+
+
+def test_tiny_model_lowers_with_one_mosaic_kernel_per_linear(tiny, quantized_dispatch,
+                                                             monkeypatch):
+  """With pallas_mosaic (Hopper pretended), prefill (B·T = 2·130 rows) and decode (B = 2) lower
+  for CUDA with one Mosaic GPU kernel per packed linear: no dense dequantized fallback."""
+  packed_registry = importlib.import_module("cdquant_jax.kernels.packed_matmul")
+  monkeypatch.setattr(packed_registry, "_mosaic_unavailable", lambda interpret: None)
+  model, qparams, _ = tiny
+  model = model.with_linear_options(LinearOptions(implementation="pallas_mosaic",
+                                                  interpret=False))
+  launches = []
+  real_launch = pallas_mosaic._launch
+  monkeypatch.setattr(pallas_mosaic, "_launch",
+                      lambda plan, *a, **k: launches.append(plan) or real_launch(plan, *a, **k))
+  # mosaic_packed_matmul is jitted: linears with equal metadata share one trace (one launch)
+  metas = {get_path(layer, path)["weight"].meta for layer in qparams["layers"]
+           for path in model.linear_paths()}
+  for tokens in (130, 1):
+    launches.clear()
+    ids = jax.ShapeDtypeStruct((2, tokens), jnp.int32)
+    text = jax.jit(model.forward).trace(qparams, ids).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert len(launches) == len(metas)  # RTN weights: no outliers, one launch per linear
+    assert all(p.tb * p.token_blocks >= 2 * tokens for p in launches)
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == len(metas)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (jax.default_backend() == "gpu" and str(
+    getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")),
+                    reason="needs a Hopper GPU")
+def test_tiny_model_logits_with_mosaic_kernels_equal_dequantized(tiny, quantized_dispatch):
+  model, qparams, dparams = tiny
+  model = model.with_linear_options(LinearOptions(implementation="pallas_mosaic"))
+  ids = jnp.asarray([[5, 17, 3, 42]], jnp.int32)
+  forward = jax.jit(model.forward)
+  # f32 activations are multiplied as bf16 by the Mosaic kernel (f32 accumulation)
+  _assert_close(forward(qparams, ids), forward(dparams, ids), rel=2e-2)
 
 
 @pytest.mark.parametrize("options", [LinearOptions(),

@@ -407,7 +407,9 @@ def _launch(plan: ops.MosaicPlan, x_slot, operands, makers, buckets, *, dense: b
       out_type=jax.ShapeDtypeStruct(
           (plan.k_splits, plan.n_pad, plan.token_blocks * plan.tb), F32),
       grid=(plan.n_blocks, plan.token_blocks, plan.k_splits), grid_names=("n", "b", "s"),
-      scratch_types=scratch)
+      scratch_types=scratch,
+      kernel_name=f"packed_matmul_mosaic_w{plan.bits}" if dense else
+      "packed_matmul_mosaic_outliers")
   return kernel(x_slot, *operands, *extra)
 
 

@@ -14,6 +14,13 @@ in flight):
      weight tile in shared memory (mosaic_operands.py: slot order, x is permuted to match);
   2. wgmma(acc [bn, tb] f32, weight tile [bn, bk], x tileᵀ [bk, tb]), awaited before the next
      decode overwrites the tile.
+Why the decoded tile goes through shared memory rather than feeding wgmma from registers: an
+A operand in registers must have the WGMMA layout of a [bn, K] array, i.e. words read
+non-transposed from an [N, K]-ordered tile, while the container stores the words [K·bits/32, N]
+(N contiguous; reordering them would copy the weights in HBM on every call). The Mosaic GPU
+lowering has no in-register transpose (lax.transpose has no Lane-semantics rule), so the only
+register layout reachable from the stored order is WGMMA_TRANSPOSED, which wgmma accepts only
+from shared memory (as a transposed ref).
 Statistics per tile: bk / g rows (or one row when g > bk) of [rows, N]; each row is a [bn]
 vector broadcast over the R columns and selected by column range (`_class_stat`: for g ≥ S the
 row of column r is r // (g / S); for g < S slot class h = v // g reads row r·S/g + h). "qq"
@@ -24,7 +31,8 @@ Outliers (BlockConfig.outliers): the CSR entries are bucketed per (block, tile) 
 an f16 [bk, bn] patch in shared memory (scalar stores), adds the patch to the decoded weights
 and clears it, so the tensor cores multiply the outliers with the x tile already in shared
 memory; "separate": a second launch of the same kernel without codes or statistics multiplies
-only the patches (two Mosaic calls; compare the cost with experiments/bench_kernels.py).
+only the patches of the tiles that have outliers (two Mosaic calls; compare the cost with
+experiments/bench_kernels.py).
 Dtypes: wgmma takes 16-bit inputs; f16 x stays f16, bf16 and f32 x (and any other dtype) are
 multiplied as bf16 with f32 accumulation (f32 x therefore has bf16 input rounding: the f32
 tolerance of the shared suite does not apply to this implementation, see test_gpu.py). Any
@@ -33,18 +41,23 @@ each re-decoding the weight tiles into the wgmma (a quantized model never falls 
 dequantized copy); mosaic_operands.make_mosaic_plan shrinks the token block (to 64), then bk,
 then the token block again until a launch's shared memory fits SMEM_BUDGET (200 KiB).
 
-What the CPU checks (tests/kernels/test_lowering.py): the kernel lowers for CUDA on every test
-case, batch, dtype and outlier mode (`stablehlo.custom_call @mosaic_gpu_v2`). Its numerics run
-only on a Hopper GPU (tests/kernels/packed_matmul/test_gpu.py). Interpret mode is NOT used: on
+What the CPU checks: the kernel lowers for CUDA on every test case, batch, dtype and outlier
+mode (tests/kernels/test_lowering.py, `stablehlo.custom_call @mosaic_gpu_v2`); its body
+(`decode_tile`, `patch_only_tile` with `MosaicIO` swapped for plain arrays) reproduces
+x @ round(W)ᵀ to f32 accumulation order (mosaic_emulation.py,
+tests/kernels/packed_matmul/test_mosaic_emulation.py). The Mosaic primitives themselves (TMA,
+layouts, wgmma, barriers) run only on a Hopper GPU (tests/kernels/packed_matmul/test_gpu.py).
+Interpret mode is NOT used: on
 JAX 0.10.2 Mosaic GPU's interpreter (jax._src.pallas.mosaic_gpu.interpret.InterpretGPUParams,
 not exported) fails on this kernel's primitives: `plgpu.load` of a tiled ref ->
 "AssertionError: ((5,), (8, 32))" (core.py transform_type), `plgpu.layout_cast` ->
 "NotImplementedError: MLIR translation rule for primitive 'layout_cast' not found for platform
 cpu", a transposed ref (needed for swap-AB) -> "ValueError: Unsupported transform:
 TransposeTransform(permutation=(1, 0))". Known Mosaic GPU lowering limits shaping this code:
-≤ 256 elements per block dimension, iota layouts annotated (`_layout`), no dynamic scalar
-index into a tiled ref ("Expected slice start ... to be divisible by the tile size (8)", hence
-the untiled patch buffer), no in-register transpose or reshape of decoded tiles.
+≤ 256 elements per block dimension, iota layouts annotated (`layout_cast`), TMA rows of ≥ 16
+bytes and copies of a multiple of 128 bytes (mosaic_operands.second_level_group), no dynamic
+scalar index into a tiled ref ("Expected slice start ... to be divisible by the tile size
+(8)", hence the untiled patch buffer), no in-register transpose or reshape of decoded tiles.
 """
 
 from __future__ import annotations
@@ -71,7 +84,6 @@ except ImportError as e:  # pragma: no cover - depends on the installed JAX
 
 F32 = jnp.float32
 SWIZZLE = 128  # bytes; a 16-bit tile row of 64 elements, a uint32 row of 32
-MOSAIC_CALL = "mosaic_gpu"  # the custom call target prefix in lowered text
 
 
 def _tile_transforms(itemsize: int):
@@ -159,7 +171,7 @@ def class_count(spec: plan_lib.StatSpec, plan: ops.MosaicPlan) -> int:
 
 def _class_stat(row_of, runs, plan: ops.MosaicPlan, column: jax.Array) -> jax.Array:
   """f32 [bn, R] from the row vectors `row_of(i)` placed on their column runs (selects)."""
-  first, row = runs[0]
+  _, row = runs[0]
   stat = _broadcast_row(row_of(row), plan.rows)
   for start, row in runs[1:]:
     stat = jnp.where(column >= start, _broadcast_row(row_of(row), plan.rows), stat)
@@ -292,8 +304,7 @@ def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
     patch_ref[...] = jnp.zeros((plan.bk, plan.bn), jnp.float16)
 
   def accumulate(acc_ref):
-    def step(idx, x_smem, *operand_smem):
-      t = first_tile + idx[0]
+    def multiply(t, x_smem, operand_smem):
       if outliers:
         _patch_tile(patch_ref, j * plan.k_tiles + t, *bucket_refs, plan, clear=False)
       if dense:
@@ -307,6 +318,16 @@ def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
       plgpu.wgmma(acc_ref, plgpu.transpose_ref(w_smem, (1, 0)),
                   plgpu.transpose_ref(x_smem, (1, 0)))
       plgpu.wgmma_wait(0)
+
+    def step(idx, x_smem, *operand_smem):
+      t = first_tile + idx[0]
+      if dense:
+        multiply(t, x_smem, operand_smem)
+        return
+      offsets_ref = bucket_refs[0]  # the separate pass skips tiles without outliers
+      bucket = j * plan.k_tiles + t
+      pl.when(offsets_ref[bucket + 1] > offsets_ref[bucket])(
+          lambda: multiply(t, x_smem, operand_smem))
 
     x_spec = plgpu.BlockSpec((plan.tb, plan.bk), lambda k: (b, first_tile + k),
                              transforms=_tile_transforms(jnp.dtype(plan.operand_dtype).itemsize))

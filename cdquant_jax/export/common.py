@@ -272,6 +272,16 @@ def hf_dense_state(run: Run, skip: set[str]) -> dict[str, np.ndarray]:
           if name not in skip}
 
 
+def write_state(path: str, state: dict[str, np.ndarray]) -> None:
+  """Writes {HF name: array} as a safetensors file with transformers' {"format": "pt"}
+  metadata, one tensor at a time (`io_utils.atomic_write_safetensors`: no bytes copy of the
+  whole state, which `safetensors.numpy.save_file` makes)."""
+  from cdquant_jax import io_utils  # pylint: disable=import-outside-toplevel
+  specs = [(name, np.shape(a)) for name, a in state.items()]
+  io_utils.atomic_write_safetensors(path, specs, (np.asarray(a) for a in state.values()),
+                                    metadata={"format": "pt"})
+
+
 def write_hf_side_files(run: Run, output: str, config: dict[str, Any]) -> None:
   """config.json, and tokenizer.json when the run has a tokenizer."""
   from cdquant_jax import io_utils  # pylint: disable=import-outside-toplevel

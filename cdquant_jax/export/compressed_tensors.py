@@ -28,7 +28,6 @@ import os
 import re
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from cdquant_jax import io_utils
 from cdquant_jax.export import common
@@ -127,8 +126,6 @@ def write(run: Run, grids: dict[str, LinearGrid], output: str, options: ExportOp
   config = common.hf_config(run.config, run.dtype)
   config["quantization_config"] = quantization_config(run, grids)
   os.makedirs(output, exist_ok=True)
-  with io_utils.atomic_path(os.path.join(output, WEIGHTS_FILE)) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
-              metadata={"format": "pt"})
+  common.write_state(os.path.join(output, WEIGHTS_FILE), state)
   common.write_hf_side_files(run, output, config)
   return config["quantization_config"]

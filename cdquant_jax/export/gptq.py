@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from cdquant_jax import io_utils
 from cdquant_jax.export import common
@@ -125,9 +124,7 @@ def write(run: Run, grids: dict[str, LinearGrid], output: str, options: ExportOp
   config = common.hf_config(run.config, run.dtype)
   config["quantization_config"] = {k: v for k, v in qcfg.items() if v is not None}
   os.makedirs(output, exist_ok=True)
-  with io_utils.atomic_path(os.path.join(output, WEIGHTS_FILE)) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
-              metadata={"format": "pt"})
+  common.write_state(os.path.join(output, WEIGHTS_FILE), state)
   io_utils.atomic_write_json(os.path.join(output, QUANTIZE_CONFIG_FILE), qcfg)
   common.write_hf_side_files(run, output, config)
   return config["quantization_config"]

@@ -175,10 +175,26 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
   if tokenizer is not None and hasattr(tokenizer, "to_str"):
     io_utils.atomic_write_text(os.path.join(directory, TOKENIZER_FILE), tokenizer.to_str())
   if run_config is not None:
-    record = config_lib.to_dict(run_config)
-    if token_hashes is not None:
-      record["token_hashes"] = token_hashes
-    io_utils.atomic_write_json(os.path.join(directory, RUN_CONFIG_FILE), record)
+    io_utils.atomic_write_json(os.path.join(directory, RUN_CONFIG_FILE),
+                               run_record(run_config, token_hashes))
+
+
+def run_record(run_config, token_hashes: dict | None = None) -> dict:
+  """What run_config.json holds: the RunConfig's fields (+ "token_hashes" when given)."""
+  record = config_lib.to_dict(run_config)
+  if token_hashes is not None:
+    record["token_hashes"] = token_hashes
+  return record
+
+
+def with_quantized(model, params: Params, qweights: dict[str, QuantizedWeight]) -> Params:
+  """Resident params with the QuantizedWeight of each quantized linear (module name ->
+  weight) at its p["weight"], as `load_quantized_model` reads them back; the other leaves are
+  the same arrays (nothing is copied)."""
+  flat = flatten(params)
+  flat.update({f"{name}.weight": qw for name, qw in qweights.items()})
+  dtype = np.asarray(jax.tree.leaves({k: v for k, v in params.items() if k != "layers"})[0]).dtype
+  return unflatten_like(model, dtype, flat, where="params")
 
 
 def load_quantized_model(directory: str):

@@ -618,10 +618,22 @@ def summarize(records: list[dict]) -> dict:
               outlier_share=weighted("outlier_share"))
 
 
-def _export_formats(run: RunConfig) -> dict:
-  """Writes output_dir/export/<format> for every format in run.exports; their summaries."""
+def _export_formats(run: RunConfig, model, params: Params, qweights: dict, tokenizer,
+                    hashes: dict) -> dict:
+  """Writes output_dir/export/<format> for every format in run.exports; their summaries.
+
+  Resident params are exported as they are in memory (the quantized linears' packed weights in
+  place of their dequantized copies): reading the run directory back would hold a second copy
+  of the model beside them. Lazy ones (weights "disk") are read back from the directory."""
   from cdquant_jax import export as export_formats  # pylint: disable=import-outside-toplevel
-  return {fmt: export_formats.export_model(run.output_dir, fmt,
+  if weights.is_lazy(params):
+    source = run.output_dir
+  else:
+    source = export_formats.common.Run(
+        directory=run.output_dir, model=model,
+        params=export.with_quantized(model, params, qweights), tokenizer=tokenizer,
+        run_config=export.run_record(run, hashes))
+  return {fmt: export_formats.export_model(source, fmt,
                                            os.path.join(run.output_dir, "export", fmt))
           for fmt in run.exports}
 
@@ -685,7 +697,8 @@ def _finish(run, model, params, qweights, records, tokenizer, progress, baseline
   io_utils.atomic_write_json(metrics_path, metrics)
   if run.exports:  # after the run directory is complete, so a refused format loses nothing
     start = time.perf_counter()
-    metrics["exports"] = _export_formats(run)
+    metrics["exports"] = _export_formats(run, model, params, qweights, tokenizer,
+                                         metrics["token_hashes"])
     timing["export_formats_seconds"] = round(time.perf_counter() - start, 3)
     io_utils.atomic_write_json(metrics_path, metrics)
   return metrics

@@ -58,6 +58,7 @@ SMOLLM2_OPTIONS = (  # each with FIRST_BLOCKS
     ("activation_dtype=bfloat16", ["activations=host", "activation_dtype=bfloat16"]),
     ("keep_linear_inputs=false", ["keep_linear_inputs=false"]),
     ("weights=disk", ["weights=disk"]),
+    ("exports=[compressed-tensors]", ["exports=[compressed-tensors]"]),
 )
 
 

@@ -68,6 +68,21 @@ def test_mosaic_kernel_lowers_for_cuda(name, batch, dtype):
   assert text.count(MOSAIC_CALL) == 1 + (qw.meta.nnz > 0)
 
 
+REGISTERS_A = [(name, batch, outliers) for name in BUILDERS for batch in (1, 16, 256)
+               for outliers in (("separate", "fused") if name.startswith("spqr") else
+                                ("separate",))]
+
+
+@pytest.mark.parametrize("name, batch, outliers", REGISTERS_A,
+                         ids=[f"{n}-B{b}-{o}" for n, b, o in REGISTERS_A])
+def test_mosaic_registers_a_operand_lowers_for_cuda(name, batch, outliers):
+  # BlockConfig.wgmma_a="registers": one wgmma per slot, A relaid out in registers
+  _, qw = case(name)
+  config = dataclasses.replace(TEST_CONFIG, outliers=outliers, wgmma_a="registers")
+  separate_pass = qw.meta.nnz > 0 and outliers == "separate"
+  assert _mosaic_text(qw, batch, jnp.bfloat16, config).count(MOSAIC_CALL) == 1 + separate_pass
+
+
 FUSED = [(name, batch) for name in ("spqr_w3_g16_qq3", "spqr_w2_g16_qq2_fewoutliers")
          for batch in (1, 16, 256)]
 
@@ -87,17 +102,18 @@ def test_mosaic_default_gpu_tiles_lower_for_cuda():
     assert text.count(MOSAIC_CALL) == (2 if config.outliers == "separate" else 1)
 
 
-WIDE = [(name, batch, outliers) for name in WIDE_BUILDERS for batch in (1, 16, 256)
-        for outliers in ("separate", "fused")]
+WIDE = [(name, batch, outliers, a) for name in WIDE_BUILDERS for batch in (1, 16, 256)
+        for outliers in ("separate", "fused") for a in ("smem", "registers")]
 
 
-@pytest.mark.parametrize("name, batch, outliers", WIDE,
-                         ids=[f"{n}-B{b}-{o}" for n, b, o in WIDE])
-def test_mosaic_default_tiles_lower_on_model_widths(name, batch, outliers):
-  # default tiles (bk ≤ 256, bn = 128) with 2 K splits: several steps per program, two
-  # pipeline stages; at B = 256 the shared-memory budget shrinks the token block and bk
+@pytest.mark.parametrize("name, batch, outliers, wgmma_a", WIDE,
+                         ids=[f"{n}-B{b}-{o}-{a}" for n, b, o, a in WIDE])
+def test_mosaic_default_tiles_lower_on_model_widths(name, batch, outliers, wgmma_a):
+  # default tiles (bk ≤ 256, 512 for 3-bit "registers"; bn = 128) with 2 K splits: several
+  # steps per program, two pipeline stages; at B = 256 the shared-memory budget shrinks the
+  # token block and bk
   _, qw = case(name)
-  config = BlockConfig(outliers=outliers, k_splits=2)
+  config = BlockConfig(outliers=outliers, k_splits=2, wgmma_a=wgmma_a)
   assert mosaic_operands.make_mosaic_plan(qw, batch, jnp.bfloat16, config).stages == 2
   text = _mosaic_text(qw, batch, jnp.bfloat16, config)
   separate_pass = qw.meta.nnz > 0 and outliers == "separate"

@@ -10,7 +10,8 @@ model passes its `LinearOptions.implementation`, see models/layers.py):
   "pallas_mosaic"  Pallas kernel on Mosaic GPU (pallas_mosaic.py): TMA pipeline, in-register
                    decode, swap-AB wgmma; Hopper only (compute capability 9.x), natively (no
                    interpret mode, see its docstring). Any batch (decode 1-16 and prefill) runs
-                   in the kernel; BlockConfig.outliers "separate" (second launch) or "fused".
+                   in the kernel; BlockConfig.outliers "separate" (second launch) or "fused";
+                   BlockConfig.wgmma_a "smem" or "registers" (where wgmma reads the weights).
 "auto": "pallas_mosaic" on a Hopper GPU, "pallas_triton" natively on other GPUs (or
 interpreted when interpret=True is passed), else "reference" (on CPU the interpreter is slower
 than the reference); the reason is logged once. An explicitly named implementation that cannot

@@ -70,36 +70,50 @@ def _block_of(array, block: pallas_mosaic.Block, t: int, j: int) -> np.ndarray:
 
 def _tile_weights(qw, plan, operands, blocks, buckets, t: int, j: int, dense: bool,
                   outliers: bool) -> np.ndarray:
-  """f32 [bk, bn] weight tile (operand-dtype values) that the kernel multiplies at (j, t)."""
+  """f32 [bk, bn] weights (operand-dtype values, slot order) the kernel multiplies at (j, t):
+  what the "smem" path stores into its weight tile and the "registers" path feeds slot by
+  slot (the same sums in another order)."""
   tile = TileBuffer(plan)
+  sink = lambda v, w: EmulatedIO.store_slot(tile, w, v, plan)
   patch = None
   if outliers:
     patch = np.asarray(ops.outlier_patch_reference(buckets, plan, j, t)).astype(np.float16)
   if not dense:
-    pallas_mosaic.patch_only_tile(EmulatedIO, tile, patch, plan)
+    pallas_mosaic.patch_only_tile(EmulatedIO, sink, patch, plan)
     return tile.values
   refs = [_block_of(a, b, t, j) for a, b in zip(operands, blocks)]
   code_refs, scale_refs, zero_refs = pallas_mosaic.split_operand_refs(refs, plan, dense)
-  pallas_mosaic.decode_tile(EmulatedIO, tile, code_refs, scale_refs, zero_refs, patch, t, plan)
+  pallas_mosaic.decode_tile(EmulatedIO, sink, code_refs, scale_refs, zero_refs, patch, t, plan)
   return tile.values
 
 
-def _pass(x_slot, qw, plan, operands, blocks, buckets, *, dense: bool, outliers: bool):
-  """f32 [n_pad, token_blocks·tb] = Σ over programs and tiles of (weight tile)ᵀ-wgmma x."""
-  x = np.asarray(x_slot.astype(F32))  # [B_pad, k_tot], operand-dtype values
-  out = np.zeros((plan.n_pad, x.shape[0]), np.float32)
+def _x_tile(x_array, plan, b: int, t: int) -> np.ndarray:
+  """f32 [tb, bk] x tile (slot order) of token block b from the pipelined x operand."""
+  block = _block_of(x_array, pallas_mosaic.x_block(plan, b), t, 0)
+  if plan.registers_a:
+    # [S, tb, R] -> [tb, S, R] -> [tb, bk]
+    block = block.transpose(1, 0, 2).reshape(plan.tb, plan.bk)
+  return block.astype(np.float32)
+
+
+def _pass(x_array, qw, plan, operands, blocks, buckets, *, dense: bool, outliers: bool):
+  """f32 [n_pad, token_blocks·tb] = Σ over programs and tiles of weight tileᵀ @ x tileᵀ."""
+  out = np.zeros((plan.n_pad, plan.token_blocks * plan.tb), np.float32)
+  x_f32 = np.asarray(jnp.asarray(x_array).astype(F32))  # operand-dtype values
   for j in range(plan.n_blocks):
     for t in range(plan.k_tiles):
       w = _tile_weights(qw, plan, operands, blocks, buckets, t, j, dense, outliers)
-      # [bn, bk] @ [bk, B_pad] -> [bn, B_pad]
-      out[j * plan.bn:(j + 1) * plan.bn] += w.T @ x[:, t * plan.bk:(t + 1) * plan.bk].T
+      for b in range(plan.token_blocks):
+        # [bn, bk] @ [bk, tb] -> [bn, tb]
+        out[j * plan.bn:(j + 1) * plan.bn, b * plan.tb:(b + 1) * plan.tb] += (
+            w.T @ _x_tile(x_f32, plan, b, t).T)
   return out
 
 
 def emulate(x: jax.Array, qw: QuantizedWeight, config: plan_lib.BlockConfig) -> np.ndarray:
   """f32 [B, d_out]: what pallas_mosaic.mosaic_packed_matmul computes, on CPU."""
   plan = ops.make_mosaic_plan(qw, x.shape[0], x.dtype, config)
-  x_slot = ops.x_slot_order(x, qw, plan)
+  x_slot = ops.x_operand(ops.x_slot_order(x, qw, plan), plan)
   operands, blocks = pallas_mosaic.dense_operands(qw, plan)
   buckets = ops.outlier_buckets(qw, plan) if qw.meta.nnz else None
   fused = buckets is not None and plan.fused_outliers

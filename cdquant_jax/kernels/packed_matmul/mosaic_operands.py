@@ -57,6 +57,7 @@ class MosaicPlan:
   d_out: int
   fused_outliers: bool
   stages: int  # TMA pipeline steps in flight (BlockConfig.num_stages)
+  registers_a: bool  # BlockConfig.wgmma_a == "registers": one wgmma per slot from registers
 
   @property
   def rows(self) -> int:  # R
@@ -98,9 +99,11 @@ def make_mosaic_plan(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.
   """Tile sizes for x [batch, d_in] @ qw; any batch (decode: one token block of 8 or 16)."""
   meta = qw.meta
   S = slots_per_row(meta.bits)
-  bk_min = max(64, 8 * S)  # R ≥ 8 and x rows of ≥ 64 bf16 (one 128-byte swizzle line)
+  # "smem": R ≥ 8 and x rows of ≥ 64 bf16 (one 128-byte swizzle line); "registers": R ≥ 16
+  # (the wgmma K step of 16-bit inputs; x is blocked per slot, so bk may exceed 256)
+  bk_min = max(128, 16 * S) if config.wgmma_a == "registers" else max(64, 8 * S)
   bk = max(bk_min, min(config.block_k, MAX_BLOCK))
-  if not plan_lib._is_pow2(config.block_k):
+  if not plan_lib.is_pow2(config.block_k):
     raise ValueError(f"BlockConfig.block_k must be a power of 2, got {config.block_k}")
   tb = min(MAX_TOKEN_BLOCK, -(-batch // 8) * 8)
   while True:  # shrink to the budget: tokens down to 64, then K rows, then tokens again
@@ -116,8 +119,8 @@ def make_mosaic_plan(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.
 def _plan_for(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.BlockConfig,
               bk: int, tb: int) -> MosaicPlan:
   meta = qw.meta
-  scale = plan_lib._stat_spec(qw, "scale", bk)
-  zero = plan_lib._stat_spec(qw, "zero", bk)
+  scale = plan_lib.stat_spec(qw, "scale", bk)
+  zero = plan_lib.stat_spec(qw, "zero", bk)
   bn = min(MAX_BLOCK, max(MIN_BLOCK_N, config.block_n, scale.qq, zero.qq))
   bn = -(-bn // MIN_BLOCK_N) * MIN_BLOCK_N
   n_blocks = -(-meta.d_out // bn)
@@ -130,16 +133,17 @@ def _plan_for(qw: QuantizedWeight, batch: int, x_dtype, config: plan_lib.BlockCo
                     k_splits=splits, scale=scale, zero=zero,
                     operand_dtype=operand_dtype_name(x_dtype), d_out=meta.d_out,
                     fused_outliers=config.outliers == "fused",
-                    stages=max(1, min(config.num_stages, k_tiles // splits)))
+                    stages=max(1, min(config.num_stages, k_tiles // splits)),
+                    registers_a=config.wgmma_a == "registers")
 
 
 def smem_bytes(plan: MosaicPlan, outliers: bool) -> int:
   """Shared memory of the dense launch (the larger one): pipelined x and code blocks per
-  stage, the weight tile, the output block and (outliers) the f16 patch; statistics blocks
-  (≤ a few KiB) are not counted."""
+  stage, the weight tile ("smem" A operand only), the output block and (outliers) the f16
+  patch; statistics blocks (≤ a few KiB) are not counted."""
   x_block = plan.tb * plan.bk * 2
   code_block = plan.planes * plan.rows * plan.bn * 4
-  weight_tile = plan.bk * plan.bn * 2
+  weight_tile = 0 if plan.registers_a else plan.bk * plan.bn * 2
   out_block = plan.bn * plan.tb * 4
   patch = plan.bk * plan.bn * 2 if outliers else 0
   return plan.stages * (x_block + code_block) + weight_tile + out_block + patch
@@ -169,6 +173,16 @@ def x_slot_order(x: jax.Array, qw: QuantizedWeight, plan: MosaicPlan) -> jax.Arr
   # [B, k_tot] -> [B, k_tiles, R, S] -> [B, k_tiles, S, R] -> [B, k_tot]
   x = x.reshape(b, plan.k_tiles, plan.rows, plan.slots).transpose(0, 1, 3, 2)
   return x.reshape(b, plan.k_tot)
+
+
+def x_operand(x_slot: jax.Array, plan: MosaicPlan) -> jax.Array:
+  """The x array the kernel pipelines: [B_pad, k_tot] ("smem": one [tb, bk] block per tile),
+  or [k_tiles·S, B_pad, R] ("registers": one [S, tb, R] block per tile, slot v at [v])."""
+  if not plan.registers_a:
+    return x_slot
+  b = x_slot.shape[0]
+  # [B_pad, k_tot] -> [B_pad, k_tiles·S, R] -> [k_tiles·S, B_pad, R]
+  return x_slot.reshape(b, plan.k_tiles * plan.slots, plan.rows).transpose(1, 0, 2)
 
 
 def code_operand(words: jax.Array, bits: int, rows: int, n_pad: int) -> jax.Array:
@@ -266,4 +280,5 @@ def outlier_patch_reference(buckets: OutlierBuckets, plan: MosaicPlan, j: int, t
   lo, hi = int(buckets.offsets[i]), int(buckets.offsets[i + 1])
   patch = jnp.zeros((plan.bk * plan.bn,), jnp.float32)
   patch = patch.at[buckets.positions[lo:hi]].add(buckets.values[lo:hi].astype(jnp.float32))
+  # [bk·bn] -> [bk, bn]
   return patch.reshape(plan.bk, plan.bn)

@@ -14,13 +14,18 @@ in flight):
      weight tile in shared memory (mosaic_operands.py: slot order, x is permuted to match);
   2. wgmma(acc [bn, tb] f32, weight tile [bn, bk], x tileᵀ [bk, tb]), awaited before the next
      decode overwrites the tile.
-Why the decoded tile goes through shared memory rather than feeding wgmma from registers: an
-A operand in registers must have the WGMMA layout of a [bn, K] array, i.e. words read
-non-transposed from an [N, K]-ordered tile, while the container stores the words [K·bits/32, N]
-(N contiguous; reordering them would copy the weights in HBM on every call). The Mosaic GPU
-lowering has no in-register transpose (lax.transpose has no Lane-semantics rule), so the only
-register layout reachable from the stored order is WGMMA_TRANSPOSED, which wgmma accepts only
-from shared memory (as a transposed ref).
+The wgmma A operand (BlockConfig.wgmma_a): the container stores the words [K·bits/32, N] (N
+contiguous), so the register layout a decoded slot reaches is WGMMA_TRANSPOSED ([bn, R] read
+through a transposed ref; lax.transpose has no Mosaic Lane-semantics lowering, and wgmma
+rejects that layout as a register A: "ValueError: Unsupported A register array layout").
+  "smem"       (default) step 1 stores every slot into the swizzled [bn, bk] tile in shared
+               memory and one wgmma per tile reads it (a transposed ref) as above;
+  "registers"  each slot's [bn, R] array is relaid out to WGMMA in registers (`layout_cast`:
+               one shfl.bfly + prmt per register pair, FragmentedArray.to_layout) and fed to
+               its own wgmma with x slot v [tb, R] (x pipelined as [S, tb, R] blocks, R·2-byte
+               swizzle), no shared-memory round trip; needs R ≥ 16 (the 16-bit wgmma K step),
+               so bk ≥ 128 (4 bits), 256 (2 bits), 512 (3 bits).
+Which is faster is for the GPU benchmark to say; both lower and emulate exactly.
 Statistics per tile: bk / g rows (or one row when g > bk) of [rows, N]; each row is a [bn]
 vector broadcast over the R columns and selected by column range (`_class_stat`: for g ≥ S the
 row of column r is r // (g / S); for g < S slot class h = v // g reads row r·S/g + h). "qq"
@@ -239,8 +244,8 @@ def _n_stat_refs(spec: plan_lib.StatSpec) -> int:
   return (1 if packing.is_flat(spec.bits) else spec.bits) + 2
 
 
-def decode_tile(io, w_smem, code_refs, scale_refs, zero_refs, patch_ref, t, plan):
-  """Decode tile t into the [bn, bk] weight tile (slot order), plus the outlier patch.
+def decode_tile(io, sink, code_refs, scale_refs, zero_refs, patch_ref, t, plan):
+  """Decode tile t slot by slot: sink(v, w_v) receives f32 [bn, R] weights (+ outlier patch).
 
   code_refs: [R, bn] uint32 blocks (1 flat or `bits` planes); scale_refs / zero_refs: the
   statistic blocks (stat_blocks); patch_ref: the f16 [bk, bn] outlier patch or None.
@@ -259,13 +264,13 @@ def decode_tile(io, w_smem, code_refs, scale_refs, zero_refs, patch_ref, t, plan
         q - zeros[v // plan.zero.g if plan.zero.g < plan.slots else 0])
     if patch_ref is not None:
       w = w + io.read_patch(patch_ref, v, plan)
-    io.store_slot(w_smem, w, v, plan)
+    sink(v, w)
 
 
-def patch_only_tile(io, w_smem, patch_ref, plan) -> None:
-  """The separate outlier pass: the weight tile is the outlier patch alone."""
+def patch_only_tile(io, sink, patch_ref, plan) -> None:
+  """The separate outlier pass: the weights of every slot are the outlier patch alone."""
   for v in range(plan.slots):
-    io.store_slot(w_smem, io.read_patch(patch_ref, v, plan), v, plan)
+    sink(v, io.read_patch(patch_ref, v, plan))
 
 
 def _patch_tile(patch_ref, bucket, offsets_ref, positions_ref, values_ref, plan, clear: bool):
@@ -292,12 +297,20 @@ def split_operand_refs(refs, plan: ops.MosaicPlan, dense: bool):
   return code_refs, refs[:n_scale], refs[n_scale:]
 
 
+def _slot_wgmma(acc_ref, x_smem, v: int, w: jax.Array, plan: ops.MosaicPlan) -> None:
+  """"registers" A operand: acc += w_v [bn, R] (relaid out to WGMMA) @ x slot vᵀ [R, tb]."""
+  a = plgpu.layout_cast(w.astype(plan.operand_dtype), plgpu.Layout.WGMMA)
+  plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[v], (1, 0)))
+  plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one overlaps the next decode
+
+
 def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
   n_in = len(specs) + 1 + 3 * outliers  # x, pipelined operands, (offsets, positions, values)
   x_gmem, operands_gmem = refs[0], refs[1:1 + len(specs)]
   bucket_refs = refs[1 + len(specs):n_in]
-  o_gmem, w_smem, o_smem = refs[n_in:n_in + 3]
-  patch_ref = refs[n_in + 3] if outliers else None
+  o_gmem, o_smem, *scratch = refs[n_in:]
+  w_smem = None if plan.registers_a else scratch.pop(0)
+  patch_ref = scratch.pop(0) if outliers else None
   j, b, s = (jax.lax.axis_index(name) for name in ("n", "b", "s"))
   first_tile = s * plan.tiles_per_split
   if outliers:
@@ -305,19 +318,24 @@ def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
 
   def accumulate(acc_ref):
     def multiply(t, x_smem, operand_smem):
+      if plan.registers_a:
+        sink = lambda v, w: _slot_wgmma(acc_ref, x_smem, v, w, plan)
+      else:
+        sink = lambda v, w: MosaicIO.store_slot(w_smem, w, v, plan)
       if outliers:
         _patch_tile(patch_ref, j * plan.k_tiles + t, *bucket_refs, plan, clear=False)
       if dense:
         code_refs, scale_refs, zero_refs = split_operand_refs(operand_smem, plan, dense)
-        decode_tile(MosaicIO, w_smem, code_refs, scale_refs, zero_refs, patch_ref, t, plan)
+        decode_tile(MosaicIO, sink, code_refs, scale_refs, zero_refs, patch_ref, t, plan)
       else:
-        patch_only_tile(MosaicIO, w_smem, patch_ref, plan)
+        patch_only_tile(MosaicIO, sink, patch_ref, plan)
       if outliers:
         _patch_tile(patch_ref, j * plan.k_tiles + t, *bucket_refs, plan, clear=True)
-      plgpu.commit_smem()
-      plgpu.wgmma(acc_ref, plgpu.transpose_ref(w_smem, (1, 0)),
-                  plgpu.transpose_ref(x_smem, (1, 0)))
-      plgpu.wgmma_wait(0)
+      if not plan.registers_a:
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(w_smem, (1, 0)),
+                    plgpu.transpose_ref(x_smem, (1, 0)))
+      plgpu.wgmma_wait(0)  # before the next tile overwrites the weights and x slots
 
     def step(idx, x_smem, *operand_smem):
       t = first_tile + idx[0]
@@ -329,9 +347,8 @@ def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
       pl.when(offsets_ref[bucket + 1] > offsets_ref[bucket])(
           lambda: multiply(t, x_smem, operand_smem))
 
-    x_spec = plgpu.BlockSpec((plan.tb, plan.bk), lambda k: (b, first_tile + k),
-                             transforms=_tile_transforms(jnp.dtype(plan.operand_dtype).itemsize))
-    pipeline_specs = [x_spec] + [block.spec(first_tile, j) for block in specs]
+    pipeline_specs = [x_block(plan, b).spec(first_tile, j)] + [
+        block.spec(first_tile, j) for block in specs]
     plgpu.emit_pipeline(step, grid=(plan.tiles_per_split,), in_specs=pipeline_specs,
                         max_concurrent_steps=plan.stages)(x_gmem, *operands_gmem)
     return acc_ref[...]
@@ -354,23 +371,37 @@ def _kernel(*refs, plan: ops.MosaicPlan, specs, dense: bool, outliers: bool):
 class Block:
   shape: tuple[int, ...]
   index_of_tile: Callable  # (t, j) -> block index
-  tiled: bool = False  # (8, 128 B) tiles + 128-byte swizzle (read transposed as [bn, R])
+  # (8, swizzle / itemsize) tiles of the last two dims + `swizzle`-byte swizzle, or None
+  swizzle: int | None = None
+  itemsize: int = 4
 
   def spec(self, first_tile, j):
-    transforms = _tile_transforms(4) if self.tiled else ()
+    transforms = ()
+    if self.swizzle is not None:
+      transforms = (plgpu.TilingTransform((8, self.swizzle // self.itemsize)),
+                    plgpu.SwizzleTransform(self.swizzle))
     return plgpu.BlockSpec(self.shape, lambda k: self.index_of_tile(first_tile + k, j),
                            transforms=transforms)
 
 
-def _block(shape, index_of_tile, tiled: bool = False) -> Block:
-  return Block(tuple(shape), index_of_tile, tiled)
+def _block(shape, index_of_tile, swizzle: int | None = None, itemsize: int = 4) -> Block:
+  return Block(tuple(shape), index_of_tile, swizzle, itemsize)
+
+
+def x_block(plan: ops.MosaicPlan, b) -> Block:
+  """Token block b's x tile: [tb, bk] ("smem") or [S, tb, R] ("registers", slot v at [v])."""
+  itemsize = jnp.dtype(plan.operand_dtype).itemsize
+  if plan.registers_a:  # a slot's R columns are one swizzle line (R·2 = 32 or 64 bytes)
+    return _block((plan.slots, plan.tb, plan.rows), lambda t, j: (t, b, 0),
+                  swizzle=min(SWIZZLE, plan.rows * itemsize), itemsize=itemsize)
+  return _block((plan.tb, plan.bk), lambda t, j: (b, t), swizzle=SWIZZLE, itemsize=itemsize)
 
 
 def code_blocks(qw: QuantizedWeight, plan: ops.MosaicPlan):
   """(operands, Blocks) of the weight codes: one [R, bn] block per plane and tile."""
   words = ops.code_operand(qw.codes, plan.bits, plan.k_tot, plan.n_pad)
   makers = [_block((plan.rows, plan.bn), lambda t, j, w=w: (w * plan.k_tiles + t, j),
-                   tiled=True) for w in range(plan.planes)]
+                   swizzle=SWIZZLE) for w in range(plan.planes)]
   return [words] * plan.planes, makers
 
 
@@ -417,8 +448,10 @@ def _launch(plan: ops.MosaicPlan, x_slot, operands, makers, buckets, *, dense: b
             outliers: bool) -> jax.Array:
   """One Mosaic GPU kernel launch -> f32 [k_splits, n_pad, token_blocks·tb] partials."""
   dtype = jnp.dtype(plan.operand_dtype)
-  scratch = [plgpu.SMEM((plan.bk, plan.bn), dtype, transforms=_tile_transforms(dtype.itemsize)),
-             plgpu.SMEM((plan.bn, plan.tb), F32)]
+  scratch = [plgpu.SMEM((plan.bn, plan.tb), F32)]  # the output block
+  if not plan.registers_a:  # the decoded weight tile, the wgmma A operand
+    scratch.append(plgpu.SMEM((plan.bk, plan.bn), dtype,
+                              transforms=_tile_transforms(dtype.itemsize)))
   extra = []
   if outliers:
     scratch.append(plgpu.SMEM((plan.bk, plan.bn), jnp.float16))
@@ -445,7 +478,7 @@ def mosaic_packed_matmul(x: jax.Array, qw: QuantizedWeight, *,
   if plgpu is None:
     raise ValueError(f"jax.experimental.pallas.mosaic_gpu cannot be imported ({IMPORT_ERROR})")
   plan = ops.make_mosaic_plan(qw, x.shape[0], x.dtype, config)
-  x_slot = ops.x_slot_order(x, qw, plan)  # [token_blocks·tb, k_tot]
+  x_slot = ops.x_operand(ops.x_slot_order(x, qw, plan), plan)
   operands, makers = dense_operands(qw, plan)
   buckets = ops.outlier_buckets(qw, plan) if qw.meta.nnz else None
   fused = buckets is not None and plan.fused_outliers

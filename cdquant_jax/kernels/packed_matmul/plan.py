@@ -30,6 +30,8 @@ COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp
 # BlockConfig.outliers: "separate" = a second kernel adds the CSR outliers; "fused" = the dense
 # kernel adds them itself (x is already in its shared memory).
 OUTLIER_MODES = ("separate", "fused")
+# BlockConfig.wgmma_a (pallas_mosaic only): where the wgmma reads the decoded weights from.
+WGMMA_A_SOURCES = ("smem", "registers")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,11 +59,19 @@ class BlockConfig:
   # Where the CSR outliers are added: "separate" (own kernel) or "fused" (in the dense kernel);
   # an implementation that cannot honour the value raises ValueError (see require_outliers).
   outliers: str = "separate"
+  # pallas_mosaic: "smem" = the decoded [bn, bk] tile is stored to shared memory and one wgmma
+  # reads it; "registers" = each slot's decoded [bn, R] array is relaid out in registers
+  # (WGMMA_TRANSPOSED -> WGMMA, a shuffle) and fed to its own wgmma (needs R ≥ 16, so bk ≥ 128
+  # for 4 bits, 256 for 2, 512 for 3). Ignored by pallas_triton.
+  wgmma_a: str = "smem"
 
   def __post_init__(self):
     if self.outliers not in OUTLIER_MODES:
       raise ValueError(f"BlockConfig.outliers must be one of {OUTLIER_MODES}, "
                        f"got {self.outliers!r}")
+    if self.wgmma_a not in WGMMA_A_SOURCES:
+      raise ValueError(f"BlockConfig.wgmma_a must be one of {WGMMA_A_SOURCES}, "
+                       f"got {self.wgmma_a!r}")
 
   def require_outliers(self, implementation: str, supported: tuple[str, ...]) -> None:
     """ValueError naming the field and value when `implementation` cannot honour it."""
@@ -118,7 +128,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
   return p
 
 
-def _is_pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
@@ -127,11 +137,11 @@ def compute_dtype(x: jax.Array) -> jnp.dtype:
   return jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in COMPUTE_DTYPES else jnp.dtype(jnp.float32)
 
 
-def _stat_spec(qw: QuantizedWeight, which: str, bk: int) -> StatSpec:
+def stat_spec(qw: QuantizedWeight, which: str, bk: int) -> StatSpec:
   """Kernel-side format of a statistic: in-kernel "qq" decode when the shapes allow it."""
   meta = qw.meta
   G = meta.group_size
-  if (getattr(meta, f"{which}_format") == "qq" and _is_pow2(G) and _is_pow2(meta.qq_groupsize)
+  if (getattr(meta, f"{which}_format") == "qq" and is_pow2(G) and is_pow2(meta.qq_groupsize)
       and bk <= 32 * G):
     return StatSpec("qq", G, meta.qq_groupsize, meta.stat_bits(which))
   return StatSpec("float", _pow2_divisor(G, 1 << 30))
@@ -141,18 +151,18 @@ def make_plan(qw: QuantizedWeight, batch: int, x_dtype, config: BlockConfig) -> 
   """The static plan for x [batch, d_in] @ qw (batch ≤ config.max_batch)."""
   meta = qw.meta
   for name in ("block_n", "block_k", "outlier_rows", "outlier_chunk"):
-    if not _is_pow2(getattr(config, name)):
+    if not is_pow2(getattr(config, name)):
       raise ValueError(f"BlockConfig.{name} must be a power of 2, got {getattr(config, name)}")
   if config.block_k < 32:
     raise ValueError(f"BlockConfig.block_k must be ≥ 32, got {config.block_k}")
   bk = _pow2_divisor(meta.k_pad, config.block_k)
   for which in ("scale", "zero"):  # in-kernel "qq" decode needs a tile within one stat chunk
-    if getattr(meta, f"{which}_format") == "qq" and _is_pow2(meta.group_size):
+    if getattr(meta, f"{which}_format") == "qq" and is_pow2(meta.group_size):
       bk = min(bk, 32 * meta.group_size)
   dot = batch > config.reduce_max_batch
   batch_pad = 16 if dot else max(1, 1 << (batch - 1).bit_length())
   k_tiles = meta.k_pad // bk
-  scale, zero = _stat_spec(qw, "scale", bk), _stat_spec(qw, "zero", bk)
+  scale, zero = stat_spec(qw, "scale", bk), stat_spec(qw, "zero", bk)
   bn = max(config.block_n, scale.qq, zero.qq)  # a block holds whole second-level groups
   splits = config.k_splits or max(1, min(k_tiles, 264 // -(-meta.d_out // bn)))
   return Plan(bits=meta.bits, d_out=meta.d_out, k_pad=meta.k_pad, bk=bk, bn=bn,

@@ -2,7 +2,8 @@
 
 pallas_mosaic runs on Hopper only (compute capability 9.x) and multiplies f32 activations as
 bf16 (f32 accumulation), so its f32 rows use the bf16 tolerance; it runs every batch in the
-kernel (the prefill row B = 130 included) and both outlier modes.
+kernel (the prefill row B = 130 included), both outlier modes and both wgmma A operand
+sources (BlockConfig.wgmma_a).
 """
 
 import dataclasses
@@ -38,3 +39,7 @@ class TestPallasMosaicGPU(PackedMatmulSuite):
 
 class TestPallasMosaicFusedOutliersGPU(TestPallasMosaicGPU):
   CONFIG = dataclasses.replace(TEST_CONFIG, outliers="fused")
+
+
+class TestPallasMosaicRegistersAGPU(TestPallasMosaicGPU):
+  CONFIG = dataclasses.replace(TEST_CONFIG, wgmma_a="registers")

@@ -19,13 +19,19 @@ from cdquant_jax.kernels.packed_matmul import BlockConfig
 from cdquant_jax.quant.qweight import dequantize, outlier_rows, weight_without_outliers
 from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, WIDE_BUILDERS, case
 
-GRID = [(name, 3, jnp.bfloat16, "separate") for name in BUILDERS] + [
-    ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "separate"),
-    ("wide_w4_g128", 2, jnp.bfloat16, "separate")] + [
-    (name, 3, jnp.bfloat16, "fused") for name in ("spqr_w3_g16_qq3",
-                                                  "spqr_w2_g16_qq2_fewoutliers")] + [
-    ("w3_g16_actorder", 1, jnp.float16, "separate"), ("w4_g32_f16", 16, jnp.float32, "separate"),
-    ("spqr_w3_g16_qq3", 130, jnp.bfloat16, "fused")]
+# (case, batch, dtype, outliers, wgmma_a)
+GRID = [(name, 3, jnp.bfloat16, "separate", a) for name in BUILDERS
+        for a in ("smem", "registers")] + [
+    ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "separate", "smem"),
+    ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "fused", "registers"),
+    ("wide_w4_g128", 2, jnp.bfloat16, "separate", "registers")] + [
+    (name, 3, jnp.bfloat16, "fused", a) for name in ("spqr_w3_g16_qq3",
+                                                     "spqr_w2_g16_qq2_fewoutliers")
+    for a in ("smem", "registers")] + [
+    ("w3_g16_actorder", 1, jnp.float16, "separate", "smem"),
+    ("w4_g32_f16", 16, jnp.float32, "separate", "registers"),
+    ("spqr_w3_g16_qq3", 130, jnp.bfloat16, "fused", "smem"),
+    ("spqr_w3_g16_qq3", 130, jnp.bfloat16, "separate", "registers")]
 
 
 def _rounded(w, dtype):
@@ -44,14 +50,16 @@ def _oracle(x, qw, operand_dtype, outliers: str):
   return xr @ (_rounded(dense, operand_dtype) + _rounded(sparse, operand_dtype)).T
 
 
-@pytest.mark.parametrize("name, batch, dtype, outliers", GRID,
-                         ids=[f"{n}-B{b}-{jnp.dtype(d).name}-{o}" for n, b, d, o in GRID])
-def test_emulated_kernel_matches_rounded_weights(name, batch, dtype, outliers):
+@pytest.mark.parametrize("name, batch, dtype, outliers, wgmma_a", GRID,
+                         ids=[f"{n}-B{b}-{jnp.dtype(d).name}-{o}-{a}"
+                              for n, b, d, o, a in GRID])
+def test_emulated_kernel_matches_rounded_weights(name, batch, dtype, outliers, wgmma_a):
   _, qw = case(name)
   x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, qw.meta.d_in)), dtype)
   # model widths: the default tiles with 2 K splits (several statistic chunks per block)
   base = BlockConfig(k_splits=2) if name in WIDE_BUILDERS else TEST_CONFIG
-  y = mosaic_emulation.emulate(x, qw, dataclasses.replace(base, outliers=outliers))
+  config = dataclasses.replace(base, outliers=outliers, wgmma_a=wgmma_a)
+  y = mosaic_emulation.emulate(x, qw, config)
   operand = mosaic_operands.operand_dtype_name(dtype)
   oracle = _oracle(x, qw, operand, outliers)
   assert y.shape == (batch, qw.meta.d_out)
@@ -81,6 +89,19 @@ def test_default_tiles_fit_shared_memory_at_prefill(name):
                                             BlockConfig(outliers=outliers))
     assert mosaic_operands.smem_bytes(plan, qw.meta.nnz > 0) <= mosaic_operands.SMEM_BUDGET
     assert plan.tb * plan.token_blocks >= 256 and plan.tb % 8 == 0
+
+
+def test_registers_a_operand_tiles_have_16_rows_per_slot_and_no_weight_tile():
+  for name in ("w4_g32_f16", "w2_perchannel_160", "spqr_w3_g16_qq3"):
+    _, qw = case(name)
+    plan = mosaic_operands.make_mosaic_plan(qw, 1, jnp.bfloat16,
+                                            BlockConfig(wgmma_a="registers"))
+    smem = dataclasses.replace(plan, registers_a=False)
+    assert plan.rows % 16 == 0 and plan.registers_a
+    assert (mosaic_operands.smem_bytes(smem, False) - mosaic_operands.smem_bytes(plan, False)
+            == plan.bk * plan.bn * 2)
+  with pytest.raises(ValueError, match="BlockConfig.wgmma_a must be one of"):
+    BlockConfig(wgmma_a="tmem")
 
 
 def test_slot_order_permutes_each_tile():

@@ -36,7 +36,14 @@ WGMMA_A_SOURCES = ("smem", "registers")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockConfig:
-  """Tile sizes and launch parameters (all powers of 2 where they are sizes)."""
+  """Tile sizes and launch parameters (all powers of 2 where they are sizes).
+
+  pallas_mosaic reads them as: block_n rounded up to a multiple of 64 (the wgmma M granule,
+  ≤ 256); block_k raised to the minimum its layout needs (mosaic_operands.make_mosaic_plan) and
+  not required to divide k_pad; k_splits as here; num_stages = TMA pipeline depth; outliers and
+  wgmma_a. reduce_max_batch, max_batch, num_warps (one warpgroup), outlier_rows and
+  outlier_chunk are Triton-only.
+  """
 
   # Output channels per program (the last block may overhang d_out; its extra columns are
   # computed on padding and dropped).

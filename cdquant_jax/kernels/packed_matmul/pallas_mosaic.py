@@ -171,6 +171,7 @@ def class_rows(spec: plan_lib.StatSpec, plan: ops.MosaicPlan, h: int) -> list[tu
 
 
 def class_count(spec: plan_lib.StatSpec, plan: ops.MosaicPlan) -> int:
+  """Slot classes with their own statistic array: S / g for g < S, else 1."""
   return plan.slots // spec.g if spec.g < plan.slots else 1
 
 
@@ -239,6 +240,7 @@ def _stat_reader(io, refs, spec: plan_lib.StatSpec, plan: ops.MosaicPlan, t):
 
 
 def _n_stat_refs(spec: plan_lib.StatSpec) -> int:
+  """Blocks one statistic occupies in a pipeline step: 1 (float) or code blocks + 2 (qq)."""
   if spec.kind == "float":
     return 1
   return (1 if packing.is_flat(spec.bits) else spec.bits) + 2

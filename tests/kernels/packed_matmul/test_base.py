@@ -45,6 +45,9 @@ class PackedMatmulSuite:
   # An implementation that multiplies f32 activations in bf16 (pallas_mosaic) sets
   # {**TOLERANCE, jnp.float32: TOLERANCE[jnp.bfloat16]}.
   TOLERANCE = TOLERANCE
+  # Variants of an implementation (another BlockConfig) may run on a subset of the cases only
+  # (a GPU run compiles every row): None = all.
+  ONLY_CASES = None
 
   def matmul(self, x, qw):
     return packed_matmul(x, qw, implementation=self.IMPLEMENTATION, interpret=self.INTERPRET,
@@ -53,6 +56,8 @@ class PackedMatmulSuite:
   @pytest.mark.parametrize("name, batch, dtype", GRID,
                            ids=[f"{n}-B{b}-{jnp.dtype(d).name}" for n, b, d in GRID])
   def test_matches_reference_and_solver_weights(self, name, batch, dtype):
+    if self.ONLY_CASES is not None and name not in self.ONLY_CASES:
+      pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES} only")
     result, qw = case(name)
     x = _x(batch, qw.meta.d_in, dtype)
     y = np.asarray(self.matmul(x, qw))

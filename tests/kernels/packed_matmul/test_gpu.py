@@ -39,7 +39,10 @@ class TestPallasMosaicGPU(PackedMatmulSuite):
 
 class TestPallasMosaicFusedOutliersGPU(TestPallasMosaicGPU):
   CONFIG = dataclasses.replace(TEST_CONFIG, outliers="fused")
+  ONLY_CASES = ("spqr_w3_g16_qq3", "spqr_w2_g16_qq2_fewoutliers")  # the cases with outliers
 
 
 class TestPallasMosaicRegistersAGPU(TestPallasMosaicGPU):
   CONFIG = dataclasses.replace(TEST_CONFIG, wgmma_a="registers")
+  # 4-bit float statistics, 3-bit planes with act-order, 2-bit per-channel, SpQR qq + outliers
+  ONLY_CASES = ("w4_g32_f16", "w3_g16_actorder", "w2_perchannel_160", "spqr_w3_g16_qq3")

@@ -33,13 +33,20 @@ class LinearOptions:
   """How `linear` runs a packed QuantizedWeight (dense weights ignore it). Hashable: a model
   holds one (`CausalLM.linear_options`) and is a static jit argument.
 
-  implementation: the packed_matmul implementation, "auto", "reference" or "pallas_triton"
-    (kernels/packed_matmul: "auto" = Pallas on a GPU, the reference elsewhere).
+  implementation: the packed_matmul implementation, "auto" or a name of its registry
+    ("reference", "pallas_triton", "pallas_mosaic"; kernels/packed_matmul: "auto" = Mosaic GPU
+    on Hopper, Triton on other GPUs, the reference elsewhere); another name is a ValueError.
   interpret: run Pallas in interpret mode; None = only where there is no GPU.
   """
 
   implementation: str = "auto"
   interpret: bool | None = None
+
+  def __post_init__(self):
+    from cdquant_jax.kernels.packed_matmul import IMPLEMENTATIONS  # pylint: disable=import-outside-toplevel
+    if self.implementation != "auto" and self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"LinearOptions.implementation: unknown {self.implementation!r}; choose "
+                       f"'auto' or one of {sorted(IMPLEMENTATIONS)}")
 
 
 def linear(x: jax.Array, p: Params, options: LinearOptions = LinearOptions()) -> jax.Array:

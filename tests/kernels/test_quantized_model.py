@@ -177,3 +177,9 @@ def test_smollm2_logits_equal_dequantized(quantized_dispatch):
   ids = jnp.asarray([tok.encode("The capital of France is").ids], jnp.int32)
   forward = jax.jit(model.forward)
   _assert_close(forward(qparams, ids), forward(dparams, ids), rel=1e-4)
+
+
+def test_an_unknown_implementation_is_refused_when_the_options_are_built():
+  with pytest.raises(ValueError, match="LinearOptions.implementation: unknown 'cuda'"):
+    LinearOptions(implementation="cuda")
+  assert LinearOptions(implementation="pallas_mosaic").implementation == "pallas_mosaic"

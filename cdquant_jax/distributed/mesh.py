@@ -2,6 +2,7 @@
 
     cfg = MeshConfig(data="auto", model=1)   # every device on the data axis
     mesh = make_mesh(cfg)                    # jax.sharding.Mesh [data, model]
+    MeshConfig(data=2, model=4, shard_weights=True)  # block weights split over "model"
 
 "auto" takes every device the model axis leaves: data = n_devices // model. A fixed size uses
 the first data · model devices (which must divide the device count, so that the rest of the
@@ -29,6 +30,9 @@ class MeshConfig:
   data: int | Literal["auto"] = "auto"
   # Devices on the weight axis (output rows of each solve).
   model: int = 1
+  # Each block's linear weights split over "model" on their output rows while the block runs
+  # its capture and propagation programs; for blocks that do not fit one device.
+  shard_weights: bool = False
 
   def __post_init__(self):
     check = config_lib.reject_unless
@@ -36,6 +40,11 @@ class MeshConfig:
     check(data_ok, f"mesh.data must be a positive integer or 'auto', got {self.data!r}")
     check(_is_int(self.model) and self.model > 0,
           f"mesh.model must be a positive integer, got {self.model!r}")
+    check(isinstance(self.shard_weights, (bool, np.bool_)),
+          f"mesh.shard_weights must be true or false, got {self.shard_weights!r}")
+    check(not self.shard_weights or self.model > 1,
+          f"mesh.shard_weights=true needs mesh.model > 1, got model={self.model} "
+          "(nothing to shard the weights over)")
 
   def sizes(self, n_devices: int) -> tuple[int, int]:
     """(data, model) on a machine of `n_devices` devices (ConfigError if they do not fit)."""
@@ -50,15 +59,20 @@ class MeshConfig:
 
   @classmethod
   def parse(cls, text: str) -> "MeshConfig":
-    """From "data=8,model=1" (either key may be left out; data=auto is allowed)."""
-    values: dict[str, int | str] = {}
+    """From "data=8,model=1" (either key may be left out; data=auto is allowed), optionally
+    with ",shard_weights=true"."""
+    values: dict[str, int | str | bool] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
       key, sep, value = item.partition("=")
       key = key.strip()
-      config_lib.reject_unless(bool(sep) and key in AXES,
+      config_lib.reject_unless(bool(sep) and key in AXES + ("shard_weights",),
                                f"mesh: expected data=N,model=M, got {text!r}")
       value = value.strip()
-      if value == "auto":
+      if key == "shard_weights":
+        config_lib.reject_unless(value in ("true", "false"),
+                                 f"mesh.shard_weights must be true or false, got {value!r}")
+        values[key] = value == "true"
+      elif value == "auto":
         values[key] = value
       else:
         config_lib.reject_unless(value.lstrip("-").isdigit(),

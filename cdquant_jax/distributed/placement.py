@@ -3,12 +3,17 @@
     mesh = run_mesh(run.mesh)                  # [data, model] over jax.devices() (all hosts)
     x, valid = shard_rows(ids[start:stop], mesh)  # rows over "data", padded to a multiple
     layer = replicate(layer_params, mesh)      # every device holds the block
+    layer = shard_block(layer_params, mesh)    # or: linear weights' rows over "model"
     H = local_copy(H)                          # this process's copy of a replicated result
 
 Calibration batches are split over "data" on their first (batch) axis; a batch whose rows do
 not divide the data size is padded with zero rows (token id 0) up to the next multiple, and
 `valid` says how many rows are real: the Hessian capture masks the padded rows out
 (`row_mask`), so they add exactly 0 to H and nothing to its sequence count.
+
+With `mesh.shard_weights`, a block's linear weights [d_out, d_in] are split over "model" on
+their output rows for its programs (`shard_block`): no dot's contraction (d_in) is split, so
+each output is summed as on one device; XLA's partitioner gathers what the next op needs.
 
 On several processes (`jax.distributed`), every process holds the same host arrays (the same
 calibration windows and params); `shard_rows` and `replicate` build each global array from
@@ -56,6 +61,12 @@ def rows_spec(ndim: int) -> P:
   return P("data", *([None] * (ndim - 1)))
 
 
+def rows_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+  """The sharding of an array [rows, ...] split over "data" on its first axis (whole over
+  "model")."""
+  return NamedSharding(mesh, rows_spec(ndim))
+
+
 def padded_rows(rows: int, mesh: jax.sharding.Mesh) -> int:
   """rows rounded up to a multiple of the mesh's data size."""
   data = mesh.shape["data"]
@@ -70,7 +81,7 @@ def shard_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, int]:
   pad = padded_rows(rows, mesh) - rows
   if pad:
     x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
-  sharding = NamedSharding(mesh, rows_spec(x.ndim))
+  sharding = rows_sharding(mesh, x.ndim)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), rows
 
 
@@ -84,7 +95,9 @@ def row_mask(rows: int, valid: int, mesh: jax.sharding.Mesh) -> jax.Array | None
                                       lambda index: mask[index])
 
 
-def _replicated(leaf: Any, sharding: NamedSharding) -> jax.Array:
+def _placed(leaf: Any, sharding: NamedSharding) -> jax.Array:
+  """leaf (a host, one-device or fully replicated array, the same on every process) as a
+  global array with `sharding` (kept when it already has it)."""
   if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
     return leaf
   if jax.process_count() == 1:
@@ -93,10 +106,34 @@ def _replicated(leaf: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The sharding of an array held whole by every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """tree with every array leaf on every device of the mesh (leaves already so are kept)."""
-  sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda leaf: _replicated(leaf, sharding), tree)
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda leaf: _placed(leaf, sharding), tree)
+
+
+def _splits_rows(path: tuple, leaf: Any, model: int) -> bool:
+  """Whether leaf is a linear weight [d_out, d_in] (a 2-D "weight") with d_out % model == 0."""
+  last = path[-1] if path else None
+  return (getattr(last, "key", None) == "weight" and np.ndim(leaf) == 2
+          and np.shape(leaf)[0] % model == 0)
+
+
+def shard_block(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """A block's params on the mesh: each linear weight [d_out, d_in] whose d_out divides by the
+  "model" size split over "model" on its rows (every device holds d_out / model of them,
+  replicated over "data"); every other leaf replicated. Leaves already so placed are kept."""
+  model = mesh.shape["model"]
+  rows = NamedSharding(mesh, P("model", None))
+  whole = replicated(mesh)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _placed(leaf, rows if _splits_rows(path, leaf, model) else whole),
+      tree)
 
 
 def local_copy(x: jax.Array) -> jax.Array:

@@ -13,6 +13,10 @@ over "data" on its batch axis and padded to a multiple of the data size; the blo
 replicated for each program, XLA partitions the jitted forwards over the batch and adds the
 per-device partial sums X_dᵀ X_d of each Hessian with an all-reduce, and padded rows are masked
 out of the sums (`_accumulate`). H equals the one-device H up to f32 summation order.
+With `mesh.shard_weights` (`Activations.shard_weights`), the block's linear weights are split
+over "model" on their output rows instead (`placement.shard_block`), and the programs pin
+their results: Hessian states replicated, block outputs (and kept inputs) rows over "data"
+and whole over "model" (`_whole`, `_rows`), as the replicated-weights programs leave them.
 
 Kept inputs (`LinearInputs`): the inputs a group captured stay valid for the rest of the block
 (later groups only change linears downstream of them), so later captures and the propagation
@@ -60,29 +64,47 @@ def _accumulate(state: hessian.HessianState, x: jax.Array, mask: jax.Array | Non
   return hessian.accumulate_batch(state, jnp.where(keep, x, 0), rows=jnp.sum(mask))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 7), donate_argnums=(6,))
+def _whole(tree: Any, pin: jax.sharding.Mesh | None) -> Any:
+  """tree (in a jitted program) held whole by every device of mesh `pin` (None: unchanged)."""
+  return tree if pin is None else jax.lax.with_sharding_constraint(
+      tree, placement.replicated(pin))
+
+
+def _rows(x: jax.Array, pin: jax.sharding.Mesh | None) -> jax.Array:
+  """x [B, ...] (in a jitted program) split over "data" on B and whole over "model" of mesh
+  `pin` (None: unchanged)."""
+  return x if pin is None else jax.lax.with_sharding_constraint(
+      x, placement.rows_sharding(pin, x.ndim))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 7), static_argnames=("pin",),
+                   donate_argnums=(6,))
 def _capture_step(model: CausalLM, layer_params: Params, h: jax.Array, layer_index: int,
                   paths: tuple[Path, ...], given: dict[Path, jax.Array] | None,
                   states: tuple[hessian.HessianState, ...], return_inputs: bool,
-                  mask: jax.Array | None = None):
+                  mask: jax.Array | None = None, *, pin: jax.sharding.Mesh | None = None):
   """One batch h [B, T, D] of block `layer_index`: the Hessian states of `paths` updated with
   their inputs (the `given` ones used as they are; rows where mask [B] is 0 left out), whether
   those were all finite (bool scalar), and the inputs [B, T, d_in] themselves when
-  `return_inputs` (else ())."""
+  `return_inputs` (else ()). pin: the mesh of sharded weights (states come out replicated,
+  inputs rows over "data"), or None."""
   _, _, inputs = model.block(layer_params, h, default_positions(h[..., 0]), layer_index,
                              capture=True, given=given)
-  xs = tuple(inputs[p] for p in paths)
+  xs = tuple(_rows(inputs[p], pin) for p in paths)
   updated = [_accumulate(state, x, mask) for state, x in zip(states, xs)]
   finite = jnp.all(jnp.stack([ok for _, ok in updated]))
-  return tuple(state for state, _ in updated), finite, (xs if return_inputs else ())
+  states = _whole(tuple(state for state, _ in updated), pin)
+  return states, finite, (xs if return_inputs else ())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("pin",))
 def _forward(model: CausalLM, layer_params: Params, h: jax.Array, layer_index: int,
-             given: dict[Path, jax.Array] | None = None) -> jax.Array:
-  """Block output [B, T, D] for input h [B, T, D] (linears in `given` run on those inputs)."""
-  return model.block(layer_params, h, default_positions(h[..., 0]), layer_index,
-                     given=given)[0]
+             given: dict[Path, jax.Array] | None = None, *,
+             pin: jax.sharding.Mesh | None = None) -> jax.Array:
+  """Block output [B, T, D] for input h [B, T, D] (linears in `given` run on those inputs);
+  pin: the mesh of sharded weights (the output is pinned to rows over "data"), or None."""
+  return _rows(model.block(layer_params, h, default_positions(h[..., 0]), layer_index,
+                           given=given)[0], pin)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -192,12 +214,16 @@ class Activations:
   says (a `Storage`, or True / False for host / device).
 
   On a mesh (`mesh` set), each batch is a global array [B_padded, T, D] split over "data"
-  (`placement.shard_rows`) and `valid[b]` is the number of its real rows (the rest padding).
+  (`placement.shard_rows`) and `valid[b]` is the number of its real rows (the rest padding);
+  `shard_weights` (`MeshConfig.shard_weights`): the blocks run on them with their linear
+  weights split over "model" (`placement.shard_block`) instead of replicated.
   """
 
-  def __init__(self, storage: "Storage | bool" = False, mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, storage: "Storage | bool" = False, mesh: jax.sharding.Mesh | None = None,
+               shard_weights: bool = False):
     self.storage = Storage.of(storage)
     self.mesh = mesh
+    self.shard_weights = bool(shard_weights and mesh is not None)
     self.batches: list[Any] = []
     self.valid: list[int] = []
     self.compute_dtype = None  # the dtype the batches were produced in
@@ -222,21 +248,27 @@ class Activations:
     for h, valid in zip(self.batches, self.valid):
       yield None if self.mesh is None else placement.row_mask(h.shape[0], valid, self.mesh)
 
+  @property
+  def pin(self) -> jax.sharding.Mesh | None:
+    """The mesh the block programs pin their results to (sharded weights), or None."""
+    return self.mesh if self.shard_weights else None
+
   @classmethod
   def from_array(cls, array: np.ndarray, batch: int, storage: "Storage | bool",
-                 mesh: jax.sharding.Mesh | None = None, compute_dtype=None) -> "Activations":
+                 mesh: jax.sharding.Mesh | None = None, compute_dtype=None, *,
+                 shard_weights: bool = False) -> "Activations":
     """array [N, T, D] in batches of `batch` rows (split over the mesh's "data" when given),
     produced in `compute_dtype` (default: array's; saved activations are in the stored dtype,
     which may be narrower: each batch is cast back, exactly, as when it was first stored)."""
-    out = cls(storage, mesh)
+    out = cls(storage, mesh, shard_weights)
     for start in range(0, array.shape[0], batch):
       rows = array[start:start + batch]
       out.append(*_placed(rows if compute_dtype is None else rows.astype(compute_dtype), mesh))
     return out
 
   def like(self) -> "Activations":
-    """An empty container with the same storage and mesh."""
-    return Activations(self.storage, self.mesh)
+    """An empty container with the same storage, mesh and weight placement."""
+    return Activations(self.storage, self.mesh, self.shard_weights)
 
   def nbytes(self) -> int:
     """Bytes of the stored batches, wherever they are."""
@@ -255,12 +287,13 @@ def _placed(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> tuple[jax.Array
 
 
 def embed_calibration(model: CausalLM, params: Params, ids: np.ndarray, batch: int,
-                      on_host: "Storage | bool",
-                      mesh: jax.sharding.Mesh | None = None) -> Activations:
+                      on_host: "Storage | bool", mesh: jax.sharding.Mesh | None = None, *,
+                      shard_weights: bool = False) -> Activations:
   """Embeddings of the calibration windows ids [N, T], in batches of `batch` windows, stored
   as `on_host` says (a `Storage`, or True / False for host / device). With a mesh, each batch
-  of ids is split over "data" (each process supplies its rows) and embedded there."""
-  out = Activations(on_host, mesh)
+  of ids is split over "data" (each process supplies its rows) and embedded there (the
+  embeddings replicated; `shard_weights` applies to the blocks run on the result)."""
+  out = Activations(on_host, mesh, shard_weights)
   if mesh is not None:
     params = placement.replicate(params, mesh)
   for start in range(0, ids.shape[0], batch):
@@ -310,8 +343,13 @@ class LinearInputs:
 
 
 def _on_mesh(layer_params: Params, acts: Activations) -> Params:
-  """The block params where the activations' programs run (replicated on their mesh)."""
-  return layer_params if acts.mesh is None else placement.replicate(layer_params, acts.mesh)
+  """The block params where the activations' programs run: on their mesh, replicated, or
+  with the linear weights' rows split over "model" (`acts.shard_weights`)."""
+  if acts.mesh is None:
+    return layer_params
+  if acts.shard_weights:
+    return placement.shard_block(layer_params, acts.mesh)
+  return placement.replicate(layer_params, acts.mesh)
 
 
 def block_outputs(model: CausalLM, layer_params: Params, acts: Activations, layer_index: int,
@@ -321,8 +359,8 @@ def block_outputs(model: CausalLM, layer_params: Params, acts: Activations, laye
   k = kind_index(model, layer_index)
   layer_params = _on_mesh(layer_params, acts)
   for b, h in enumerate(acts):
-    out.append(_forward(model, layer_params, h, k, None if kept is None else kept.given(b)),
-               acts.valid[b])
+    out.append(_forward(model, layer_params, h, k, None if kept is None else kept.given(b),
+                        pin=acts.pin), acts.valid[b])
   if out.batches:
     jax.block_until_ready(out.batches[-1])
   return out
@@ -355,7 +393,7 @@ def group_hessians(model: CausalLM, layer_params: Params, acts: Activations, lay
   for b, (h, mask) in enumerate(zip(acts, acts.masks())):
     given = None if kept is None else kept.given(b)
     states, finite, xs = _capture_step(model, layer_params, h, k, paths, given, states,
-                                       kept is not None, mask)
+                                       kept is not None, mask, pin=acts.pin)
     flags.append(finite)
     if kept is not None:
       sharing = sharing or {}

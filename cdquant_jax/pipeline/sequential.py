@@ -414,12 +414,14 @@ def _initial_activations(run, model, state: RunState, ids) -> capture.Activation
   quantized blocks 0..state.block-1 again (the same jitted forwards)."""
   on_host = activation_storage(run)
   mesh = placement.run_mesh(run.mesh)
+  shard = bool(run.mesh and run.mesh.shard_weights)
   if state.saved_acts is not None:
     return capture.Activations.from_array(state.saved_acts, run.forward_batch_size, on_host,
-                                          mesh, registry.as_dtype(run.model.dtype))
+                                          mesh, registry.as_dtype(run.model.dtype),
+                                          shard_weights=shard)
   embed_params = jax.device_put({k: v for k, v in state.params.items() if k != "layers"})
   acts = capture.embed_calibration(model, embed_params, ids, run.forward_batch_size, on_host,
-                                   mesh)
+                                   mesh, shard_weights=shard)
   sharing: dict[int, list[list[Path]]] = {}
   for i in range(state.block):
     layer = jax.device_put(model.layer_params(state.params, i))

@@ -19,13 +19,17 @@ from tests.distributed.multidevice import run_worker
 
 @pytest.mark.slow
 def test_tiny_llama_on_every_mesh_shape_equals_one_device():
-  """Also: a 4x1 run stopped after block 0 resumes on 2x2 to the same model."""
+  """Also: a 4x1 run stopped after block 0 resumes on 2x2 to the same model, and 2x2 and 1x4
+  with mesh.shard_weights give the unsharded model from really sharded weights."""
   out = run_worker("mesh_worker", 4, "tiny", timeout=900)
   assert "tiny: all mesh shapes ok" in out
   for shape in ("{'data': 4, 'model': 1}", "{'data': 2, 'model': 2}", "{'data': 1, 'model': 4}"):
     assert f"tiny {shape}: " in out and "0/4032 packed values differ" in out
   for checkpoint in ("activations", "replay"):
     assert f"resumed on 2x2 ({checkpoint}): equal to one device" in out
+  for shape in ("{'data': 2, 'model': 2, 'shard_weights': True}",
+                "{'data': 1, 'model': 4, 'shard_weights': True}"):
+    assert f"tiny {shape}: 10 blocks placed sharded; " in out
 
 
 @pytest.mark.slow
@@ -59,6 +63,10 @@ def test_padded_rows_add_nothing_to_the_hessian(rng):
     ({"mesh": {}, "tune": {"enabled": True}}, "cannot be used with tune.enabled=true"),
     ({"mesh": {"data": 0}}, "mesh.data must be a positive integer or 'auto', got 0"),
     ({"mesh": {"dta": 2}}, r"run.mesh: unknown field\(s\) \['dta'\]"),
+    ({"mesh": {"shard_weights": True}}, "mesh.shard_weights=true needs mesh.model > 1, got "
+                                        "model=1"),
+    ({"mesh": {"model": 2, "shard_weights": "yes"}},
+     "run.mesh.shard_weights: expected true/false, got 'yes'"),
 ])
 def test_unhonourable_mesh_settings_are_rejected(fields, named):
   with pytest.raises(ConfigError, match=named):
@@ -68,6 +76,20 @@ def test_unhonourable_mesh_settings_are_rejected(fields, named):
 def test_mesh_set_field_by_field():
   run = load_run_config(None, ["mesh.data=2", "mesh.model=2"])
   assert run.mesh == MeshConfig(data=2, model=2) and load_run_config(None).mesh is None
+  # built once: shard_weights set before model sees the final model size
+  run = load_run_config(None, ["mesh.shard_weights=true", "mesh.model=2"])
+  assert run.mesh == MeshConfig(model=2, shard_weights=True)
+
+
+def test_shard_weights_from_yaml(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("mesh:\n  data: 2\n  model: 2\n  shard_weights: true\n")
+  assert load_run_config(str(path)).mesh == MeshConfig(data=2, model=2, shard_weights=True)
+
+
+def test_shard_weights_must_be_a_bool():
+  with pytest.raises(ConfigError, match="mesh.shard_weights must be true or false, got 1"):
+    MeshConfig(model=2, shard_weights=1)
 
 
 def test_a_mesh_larger_than_the_machine_fails_before_any_work(tmp_path):

@@ -12,7 +12,10 @@ GPTQ at 3 bits through the pipeline:
     smollm2 -> bit for bit where the data axis is 1 (1x4: no summation order changes), else
     the NLL within 3 % (see `SMOLLM2_NLL_RTOL`).
 tiny also stops a 4x1 run after block 0 and resumes it on 2x2 (activations and replay
-checkpoints): the one-device model again.
+checkpoints): the one-device model again; and runs 2x2 and 1x4 with mesh.shard_weights (each
+linear weight's rows split over "model" in the block programs; checked on the placed weights:
+every device holds d_out / model rows), which must give the unsharded run of the same mesh's
+Hessians to `SHARDED_H_RTOL` and its packed codes and NLL exactly (see there).
 The calibration set (10 windows in batches of 4) ends with a batch of 2, padded to 4 rows on a
 4-way data axis: the padding must add nothing.
 """
@@ -21,6 +24,7 @@ import dataclasses
 import re
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -46,6 +50,16 @@ H_RTOL = 1e-5
 # +0.006 % and -1.2 % (the all-reduce's summation order is not fixed from run to run), so 3 %; a wrong
 # Hessian is caught by the 1e-5 check on H above, not by this one.
 SMOLLM2_NLL_RTOL = 0.03
+SHARDED = [{"data": 2, "model": 2, "shard_weights": True},
+           {"data": 1, "model": 4, "shard_weights": True}]
+# Sharding W's output rows over "model" splits no dot's contraction (d_in), so each output is
+# summed as with replicated weights; XLA's partitioner only gathers the split outputs (heads,
+# MLP features) for the next op, and where it splits a later contraction (o_proj / down_proj
+# on gathered-late inputs) it may add partial sums in another order: H within the mesh's own
+# 1e-5 against the unsharded run of the same mesh (measured: 2.5e-7 on 2x2, 5.5e-7 on 1x4,
+# where the unsharded 1x4 H equals the one-device H exactly), and the tiny model's packed codes
+# and NLL equal.
+SHARDED_H_RTOL = 1e-5
 
 
 def tiny_model():
@@ -120,6 +134,74 @@ def resumed_on_another_mesh(model, params, ids, group_size, tmp, checkpoint):
                   resume=True)
 
 
+PLACED: list[dict] = []  # per `placement.shard_block` call: {leaf path: (shape, shard shapes)}
+
+
+def record_weight_placement():
+  """Wraps `placement.shard_block` to keep the shard shapes of every placed 2-D weight."""
+  shard_block = placement.shard_block
+
+  def recording(tree, mesh):
+    placed = shard_block(tree, mesh)
+    PLACED.append({jax.tree_util.keystr(path): (leaf.shape, {s.data.shape for s in
+                                                              leaf.addressable_shards})
+                   for path, leaf in jax.tree_util.tree_leaves_with_path(placed)
+                   if leaf.ndim == 2})
+    return placed
+
+  placement.shard_block = recording
+
+
+OUTPUT_SHARDINGS: list = []  # the sharding of each block output batch of the current run
+
+
+def record_output_shardings():
+  """Wraps the pipeline's propagation to keep the sharding of every block output batch."""
+  block_outputs = capture.block_outputs
+
+  def recording(*args, **kwargs):
+    out = block_outputs(*args, **kwargs)
+    OUTPUT_SHARDINGS.extend(h.sharding for h in out.batches)
+    return out
+
+  capture.block_outputs = recording
+
+
+def check_sharded_placement(model: int):
+  """Every 2-D weight of every placement of the run holds d_out / model rows per device, and
+  every block output was rows over "data", whole over "model"."""
+  assert PLACED, "shard_weights placed no block"
+  for placed in PLACED:
+    for name, (shape, shards) in placed.items():
+      assert shards == {(shape[0] // model, shape[1])}, (name, shape, shards)
+  mesh = OUTPUT_SHARDINGS[0].mesh
+  rows = placement.rows_sharding(mesh, 3)
+  assert OUTPUT_SHARDINGS and all(s.is_equivalent_to(rows, 3) for s in OUTPUT_SHARDINGS)
+
+
+def sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded):
+  """2x2 and 1x4 with shard_weights against the unsharded runs of the same meshes
+  (`unsharded`: mesh name -> (Hessians, packed, NLL))."""
+  for k, shape in enumerate(SHARDED):
+    start = time.perf_counter()
+    HESSIANS.clear(), PLACED.clear(), OUTPUT_SHARDINGS.clear()
+    run = quantize(model, params, ids, shape, group_size, f"{tmp}/sharded{k}")
+    check_sharded_placement(shape["model"])
+    hs, codes, nll_ref = unsharded[(shape["data"], shape["model"])]
+    nll = float(np.sum(capture.block_nll_fn(model, run.params)(evaluation)))
+    b = packed(run.qweights)
+    assert codes.keys() == b.keys()
+    differing = sum(int(np.sum(v != b[key])) for key, v in codes.items())
+    h_rel = hessian_rel_diff(hs, HESSIANS, len(hs))
+    h_abs = max(np.abs(H - b_[p]).max() for a, b_ in zip(hs, HESSIANS) for p, H in a.items())
+    print(f"tiny {shape}: {len(PLACED)} blocks placed sharded; H vs unsharded max rel diff "
+          f"{h_rel:.2e} (abs {h_abs:.2e}); {differing}/{sum(v.size for v in codes.values())} "
+          f"packed values differ; NLL {nll:.6f} vs {nll_ref:.6f} unsharded "
+          f"({time.perf_counter() - start:.1f} s)")
+    assert h_rel <= SHARDED_H_RTOL and differing == 0 and nll == nll_ref, (shape, h_rel,
+                                                                           differing)
+
+
 def packed(qweights):
   return {(name, k): np.asarray(v) for name, qw in qweights.items()
           for k, v in vars(qw).items() if isinstance(v, jax.Array)}
@@ -130,11 +212,14 @@ def main(which: str):
   model, params, ids, evaluation, group_size = (tiny_model if which == "tiny" else
                                                 smollm2_model)()
   record_hessians()
+  record_weight_placement()
+  record_output_shardings()
   assert placement.run_mesh(MeshConfig()).shape == {"data": 4, "model": 1}  # "auto"
   with tempfile.TemporaryDirectory() as tmp:
     one = quantize(model, params, ids, None, group_size, f"{tmp}/one")
     reference = HESSIANS[:]
     nll_one = float(np.sum(capture.block_nll_fn(model, one.params)(evaluation)))
+    unsharded = {}
     for k, shape in enumerate(MESHES):
       HESSIANS.clear()
       run = quantize(model, params, ids, shape, group_size, f"{tmp}/{k}")
@@ -150,6 +235,8 @@ def main(which: str):
       print(f"{which} {shape}: H max rel diff {h_rel:.2e}; {differing}/{total} packed values "
             f"differ; NLL {nll:.6f} vs {nll_one:.6f} on one device")
       assert h_rel <= H_RTOL, (shape, h_rel)
+      assert not PLACED, "weights sharded without mesh.shard_weights"
+      unsharded[(shape["data"], shape["model"])] = (HESSIANS[:], b, nll)
       if exact:
         assert differing == 0 and nll == nll_one, (shape, differing, nll, nll_one)
       else:
@@ -161,6 +248,7 @@ def main(which: str):
         a, b = packed(one.qweights), packed(resumed.qweights)
         assert a.keys() == b.keys() and all(np.array_equal(v, b[k]) for k, v in a.items())
         print(f"tiny: stopped on 4x1, resumed on 2x2 ({checkpoint}): equal to one device")
+      sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded)
   print(f"{which}: all mesh shapes ok")
 
 

@@ -4,7 +4,10 @@ Per device, for the largest block (data-parallel calibration: each device holds 
 weights and its 1 / data share of the calibration sequences; solves split output rows over
 every device, `distributed.solve`):
 
-  weights      the block's parameters in the stored dtype (model.dtype), replicated;
+  weights      the block's parameters in the stored dtype (model.dtype), replicated; with
+               mesh.shard_weights each linear weight whose d_out divides by model counts
+               d_out / model rows (`weight_bytes`; the solves' one-device copy of the block
+               on the first device is not counted);
   activations  the block's input and output [N / data, T, D] (activation_dtype);
   kept         the captured linear inputs kept for later groups (keep_linear_inputs): one
                [N / data, T, d_in] per distinct input, in the model dtype;
@@ -296,6 +299,7 @@ def plan(run: RunConfig, model, mesh: MeshConfig, n_devices: int, *, gflops: flo
     if k != i and best is not None:
       continue
     items = _block_bytes(run, model, block, stacks, n_local, param_b, act_b, keep, used)
+    items["weights"] = weight_bytes(block, param_b, model_axis if mesh.shard_weights else 1)
     if best is None or _resident(items) > _resident(best):
       best = items
   best["runtime"] = runtime_bytes
@@ -332,6 +336,14 @@ def _block_bytes(run, model, block: BlockShapes, stacks, n_local: int, param_b: 
               solver=solver,
               workspace=_workspace(model, min(run.forward_batch_size, n_local), per_seq,
                                    param_b))
+
+
+def weight_bytes(block: BlockShapes, param_b: int, split: int) -> int:
+  """Per-device bytes of the block's params with each linear weight [d_out, d_in] whose d_out
+  divides by `split` held as d_out / split rows (split 1: replicated, `param_bytes`)."""
+  saved = sum(d_out * d_in * param_b * (split - 1) // split
+              for d_out, d_in in block.linears.values() if d_out % split == 0)
+  return block.param_bytes - saved
 
 
 def _model_bytes(model, dtype) -> int:

@@ -33,8 +33,12 @@ def test_parse():
   assert MeshConfig.parse("data=8,model=1") == MeshConfig(data=8, model=1)
   assert MeshConfig.parse("model=2") == MeshConfig(data="auto", model=2)
   assert MeshConfig.parse("data=auto") == MeshConfig()
+  assert MeshConfig.parse("model=2,shard_weights=true") == MeshConfig(model=2,
+                                                                      shard_weights=True)
   for bad, match in [("dat=8", "expected data=N,model=M"), ("data=x", "mesh.data must be"),
-                     ("data=0", "mesh.data must be a positive")]:
+                     ("data=0", "mesh.data must be a positive"),
+                     ("model=2,shard_weights=1", "mesh.shard_weights must be true or false"),
+                     ("shard_weights=true", "needs mesh.model > 1, got model=1")]:
     with pytest.raises(ConfigError, match=match):
       MeshConfig.parse(bad)
 

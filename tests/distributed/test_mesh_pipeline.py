@@ -30,6 +30,7 @@ def test_tiny_llama_on_every_mesh_shape_equals_one_device():
   for shape in ("{'data': 2, 'model': 2, 'shard_weights': True}",
                 "{'data': 1, 'model': 4, 'shard_weights': True}"):
     assert f"tiny {shape}: 10 blocks placed sharded; " in out
+  assert "shard_block: rows split where d_out divides by model, else replicated" in out
 
 
 @pytest.mark.slow

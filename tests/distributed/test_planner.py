@@ -78,6 +78,19 @@ def test_known_sizes_block_weights_and_solve_flops():
   assert planner.solve_flops("gptq", cfg, 4096, 11008) == 4096 * 11008 ** 2 + 11008 ** 3 / 3
 
 
+def test_shard_weights_divides_the_linear_weights_by_model():
+  run = run_config_from_dict({"calibration": {"nsamples": 16, "seqlen": 128},
+                              "model": {"path": "llama2-7b", "dtype": "float16"}})
+  model = planner.model_for("llama2-7b")
+  plans = [planner.plan(run, model, MeshConfig(model=8, shard_weights=shard), 8, gflops=100.0,
+                        runtime_bytes=0) for shard in (False, True)]
+  linears = 2 * (4 * 4096 ** 2 + 3 * 4096 * 11008)  # every d_out divides by 8
+  norms = 2 * 2 * 4096  # replicated
+  assert plans[0].bytes["weights"] == linears + norms
+  assert plans[1].bytes["weights"] == linears // 8 + norms
+  assert plans[0].resident - plans[1].resident == linears - linears // 8
+
+
 def test_70b_plan_allocates_nothing():
   run = run_config_from_dict({"calibration": {"nsamples": 128, "seqlen": 2048},
                               "model": {"path": "llama3-70b", "dtype": "bfloat16"}})

@@ -179,9 +179,25 @@ def check_sharded_placement(model: int):
   assert OUTPUT_SHARDINGS and all(s.is_equivalent_to(rows, 3) for s in OUTPUT_SHARDINGS)
 
 
-def sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded):
+def check_shard_block_rules():
+  """On 1x4: a [8, 3] weight splits (2 rows each); a [6, 3] weight (6 % 4 != 0), a 1-D norm
+  weight and a 2-D non-weight leaf stay replicated."""
+  mesh = placement.run_mesh(MeshConfig(data=1, model=4))
+  tree = {"a": {"weight": np.ones((8, 3), np.float32)}, "b": {"weight": np.ones((6, 3))},
+          "norm": {"weight": np.ones(8)}, "table": np.ones((8, 3))}
+  placed = placement.shard_block(tree, mesh)
+  assert {s.data.shape for s in placed["a"]["weight"].addressable_shards} == {(2, 3)}
+  for leaf in (placed["b"]["weight"], placed["norm"]["weight"], placed["table"]):
+    assert leaf.is_fully_replicated and len(leaf.sharding.device_set) == 4
+  assert placement.shard_block(placed, mesh)["a"]["weight"] is placed["a"]["weight"]
+  PLACED.clear()
+  print("shard_block: rows split where d_out divides by model, else replicated")
+
+
+def sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded, reference):
   """2x2 and 1x4 with shard_weights against the unsharded runs of the same meshes
-  (`unsharded`: mesh name -> (Hessians, packed, NLL))."""
+  (`unsharded`: (data, model) -> (Hessians, packed, NLL); their packed values and NLL equal
+  the one-device run's) and the one-device Hessians (`reference`)."""
   for k, shape in enumerate(SHARDED):
     start = time.perf_counter()
     HESSIANS.clear(), PLACED.clear(), OUTPUT_SHARDINGS.clear()
@@ -193,13 +209,14 @@ def sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unshard
     assert codes.keys() == b.keys()
     differing = sum(int(np.sum(v != b[key])) for key, v in codes.items())
     h_rel = hessian_rel_diff(hs, HESSIANS, len(hs))
+    h_one = hessian_rel_diff(reference, HESSIANS, len(reference))
     h_abs = max(np.abs(H - b_[p]).max() for a, b_ in zip(hs, HESSIANS) for p, H in a.items())
     print(f"tiny {shape}: {len(PLACED)} blocks placed sharded; H vs unsharded max rel diff "
-          f"{h_rel:.2e} (abs {h_abs:.2e}); {differing}/{sum(v.size for v in codes.values())} "
+          f"{h_rel:.2e} (abs {h_abs:.2e}), vs one device {h_one:.2e}; {differing}/{sum(v.size for v in codes.values())} "
           f"packed values differ; NLL {nll:.6f} vs {nll_ref:.6f} unsharded "
           f"({time.perf_counter() - start:.1f} s)")
-    assert h_rel <= SHARDED_H_RTOL and differing == 0 and nll == nll_ref, (shape, h_rel,
-                                                                           differing)
+    assert h_rel <= SHARDED_H_RTOL and h_one <= H_RTOL, (shape, h_rel, h_one)
+    assert differing == 0 and nll == nll_ref, (shape, differing, nll, nll_ref)
 
 
 def packed(qweights):
@@ -248,7 +265,9 @@ def main(which: str):
         a, b = packed(one.qweights), packed(resumed.qweights)
         assert a.keys() == b.keys() and all(np.array_equal(v, b[k]) for k, v in a.items())
         print(f"tiny: stopped on 4x1, resumed on 2x2 ({checkpoint}): equal to one device")
-      sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded)
+      check_shard_block_rules()
+      sharded_weight_runs(model, params, ids, evaluation, group_size, tmp, unsharded,
+                          reference)
   print(f"{which}: all mesh shapes ok")
 
 

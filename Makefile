@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/cdquant demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_solvers.py --out experiments/results/bench_solvers.md

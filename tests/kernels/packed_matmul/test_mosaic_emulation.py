@@ -22,7 +22,6 @@ from tests.kernels.packed_matmul.cases import BUILDERS, TEST_CONFIG, WIDE_BUILDE
 # (case, batch, dtype, outliers, wgmma_a)
 GRID = [(name, 3, jnp.bfloat16, "separate", a) for name in BUILDERS
         for a in ("smem", "registers")] + [
-    ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "separate", "smem"),
     ("wide_spqr_w3_g16_qq3", 2, jnp.bfloat16, "fused", "registers"),
     ("wide_w4_g128", 2, jnp.bfloat16, "separate", "registers")] + [
     (name, 3, jnp.bfloat16, "fused", a) for name in ("spqr_w3_g16_qq3",

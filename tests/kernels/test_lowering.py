@@ -24,10 +24,15 @@ LOWER = [(name, 1, jnp.float32) for name in BUILDERS] + [
     ("spqr_w3_g16_qq3", 4, jnp.bfloat16), ("w4_g32_f16", 1, jnp.float16)]
 
 
-def _lowered_text(qw, batch, dtype, config):
-  f = lambda x, w: pallas_packed_matmul(x, w, config=config, interpret=False)
+def _cuda_text(f, qw, batch, dtype) -> str:
+  """The StableHLO of f(x [batch, d_in] of dtype, qw) lowered for CUDA."""
   x = jax.ShapeDtypeStruct((batch, qw.meta.d_in), dtype)
   return jax.jit(f).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _lowered_text(qw, batch, dtype, config):
+  return _cuda_text(lambda x, w: pallas_packed_matmul(x, w, config=config, interpret=False),
+                    qw, batch, dtype)
 
 
 @pytest.mark.parametrize("name, batch, dtype", LOWER,
@@ -54,9 +59,7 @@ MOSAIC_LOWER = [(name, batch, jnp.bfloat16) for name in BUILDERS for batch in (1
 
 
 def _mosaic_text(qw, batch, dtype, config):
-  f = lambda x, w: mosaic_packed_matmul(x, w, config=config)
-  x = jax.ShapeDtypeStruct((batch, qw.meta.d_in), dtype)
-  return jax.jit(f).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+  return _cuda_text(lambda x, w: mosaic_packed_matmul(x, w, config=config), qw, batch, dtype)
 
 
 @pytest.mark.parametrize("name, batch, dtype", MOSAIC_LOWER,

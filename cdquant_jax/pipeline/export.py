@@ -143,6 +143,12 @@ def _stored_arrays(params: Params, skip: set[str], specs, source_dtypes: dict[st
     count += 1
 
 
+def params_dtype(params: Params) -> np.dtype:
+  """The model dtype of params: that of its first leaf outside the blocks (the embeddings;
+  params["layers"] may be a lazy sequence, which is not read)."""
+  return np.asarray(jax.tree.leaves({k: v for k, v in params.items() if k != "layers"})[0]).dtype
+
+
 def write_model_dir(directory: str, model, params: Params, qweights: dict[str, QuantizedWeight],
                     *, tokenizer=None, run_config=None, extra: dict | None = None,
                     source_dtypes: dict[str, str] | None = None,
@@ -163,7 +169,7 @@ def write_model_dir(directory: str, model, params: Params, qweights: dict[str, Q
   os.makedirs(directory, exist_ok=True)
   skip = {f"{name}.weight" for name in qweights}
   source_dtypes = source_dtypes or {}
-  dtype = np.asarray(jax.tree.leaves({k: v for k, v in params.items() if k != "layers"})[0]).dtype
+  dtype = params_dtype(params)
   specs = [(name, leaf.shape) for name, leaf in flatten(model.param_shapes(dtype)).items()
            if name not in skip]
   io_utils.atomic_write_safetensors(os.path.join(directory, PARAMS_FILE), specs,
@@ -193,7 +199,7 @@ def with_quantized(model, params: Params, qweights: dict[str, QuantizedWeight]) 
   the same arrays (nothing is copied)."""
   flat = flatten(params)
   flat.update({f"{name}.weight": qw for name, qw in qweights.items()})
-  dtype = np.asarray(jax.tree.leaves({k: v for k, v in params.items() if k != "layers"})[0]).dtype
+  dtype = params_dtype(params)
   return unflatten_like(model, dtype, flat, where="params")
 
 

@@ -43,15 +43,22 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
       "fordblks", "keepcost")]
 
 
-@functools.cache
-def _mallinfo2():
+def _glibc_function(name: str):
+  """The glibc function `name` (a ctypes function), or None off Linux / without glibc / in an
+  older glibc that lacks it."""
   if not sys.platform.startswith("linux"):
     return None
   try:
-    fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-  except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+    return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+  except (OSError, AttributeError):
     return None
-  fn.restype = _MallInfo2
+
+
+@functools.cache
+def _mallinfo2():
+  fn = _glibc_function("mallinfo2")  # glibc >= 2.33
+  if fn is not None:
+    fn.restype = _MallInfo2
   return fn
 
 
@@ -209,12 +216,7 @@ def release_freed() -> None:
 
 @functools.cache
 def _malloc_trim():
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):  # not glibc
-    return None
+  return _glibc_function("malloc_trim")
 
 
 def block_report(buffers: dict[str, int], peak_host: float | None) -> dict:

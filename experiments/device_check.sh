@@ -234,18 +234,20 @@ skip() {  # part, why
   assemble
 }
 
+guarded_part() {  # part, missing packages, seconds to keep for later parts, command...
+  local part=$1 missing=$2 reserve=$3 limit
+  shift 3
+  if [ -n "$missing" ]; then skip "$part" "missing Python packages: $missing"; return 0; fi
+  limit=$(part_limit "$part" "$reserve")
+  if [ "$limit" = 0 ]; then skip "$part" "no time left"; return 0; fi
+  run_part "$part" "$limit" "$@"
+}
+
 core=$(lacks jax numpy)
 
 # info -----------------------------------------------------------------------------------------
-if [ -n "$core" ]; then
-  skip info "missing Python packages: $core"
-else
-  limit=$(part_limit info 0)
-  if [ "$limit" = 0 ]; then skip info "no time left"; else
-    run_part info "$limit" "$py" "${bench[@]}" --part info ${smoke_flag[@]+"${smoke_flag[@]}"} \
-      --json "$parts/info.json" --output "$parts/info.md"
-  fi
-fi
+guarded_part info "$core" 0 "$py" "${bench[@]}" --part info ${smoke_flag[@]+"${smoke_flag[@]}"} \
+  --json "$parts/info.json" --output "$parts/info.md"
 bw_flag=()
 if [ -f "$parts/info.json" ]; then
   bw=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['bandwidth_gbs'])" \
@@ -277,16 +279,8 @@ else
 fi
 
 # decode ---------------------------------------------------------------------------------------
-decode_missing=$(lacks jax numpy flax yaml)
-if [ -n "$decode_missing" ]; then
-  skip decode "missing Python packages: $decode_missing"
-else
-  limit=$(part_limit decode 60)
-  if [ "$limit" = 0 ]; then skip decode "no time left"; else
-    run_part decode "$limit" "$py" "${bench[@]}" --part decode ${smoke_flag[@]+"${smoke_flag[@]}"} \
-      --output "$parts/decode.md"
-  fi
-fi
+guarded_part decode "$(lacks jax numpy flax yaml)" 60 "$py" "${bench[@]}" --part decode \
+  ${smoke_flag[@]+"${smoke_flag[@]}"} --output "$parts/decode.md"
 
 # kernels (last: it gets the time left and stops starting configurations before its limit) ------
 if [ -n "$core" ]; then

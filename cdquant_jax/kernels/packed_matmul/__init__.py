@@ -15,8 +15,9 @@ model passes its `LinearOptions.implementation`, see models/layers.py):
 "auto": "pallas_mosaic" on a Hopper GPU, "pallas_triton" natively on other GPUs (or
 interpreted when interpret=True is passed), else "reference" (on CPU the interpreter is slower
 than the reference); the reason is logged once. An explicitly named implementation that cannot
-run raises ValueError with the reason; a BlockConfig.outliers value it cannot honour raises
-ValueError naming the field.
+run raises ValueError with the reason; a BlockConfig.outliers value it cannot honour, or a
+field only the other backend reads set to other than its default (plan.TRITON_ONLY,
+MOSAIC_ONLY), raises ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cdquant_jax.kernels.packed_matmul import pallas_mosaic, pallas_triton, sparse
+from cdquant_jax.kernels.packed_matmul import plan as plan_lib
 from cdquant_jax.kernels.packed_matmul.plan import BlockConfig, make_plan
 from cdquant_jax.kernels.packed_matmul.reference import packed_matmul_reference
 from cdquant_jax.quant.qweight import QuantizedWeight, dequantize
@@ -75,6 +77,7 @@ def pallas_packed_matmul(x: jax.Array, qw: QuantizedWeight, *,
                          interpret: bool = False) -> jax.Array:
   """Dense Pallas kernel + outlier Pallas kernel: x [B, d_in] -> f32 [B, d_out]."""
   config.require_outliers("pallas_triton", ("separate",))
+  config.require_defaults("pallas_triton", plan_lib.MOSAIC_ONLY)
   if x.shape[0] > config.max_batch:
     return dequantized_dot(x, qw)
   plan = make_plan(qw, x.shape[0], x.dtype, config)
@@ -89,6 +92,7 @@ def mosaic_packed_matmul(x: jax.Array, qw: QuantizedWeight, *,
                          config: BlockConfig = BlockConfig()) -> jax.Array:
   """The Mosaic GPU kernel (every batch, outliers per config.outliers): x [B, d_in] ->
   f32 [B, d_out]."""
+  config.require_defaults("pallas_mosaic", plan_lib.TRITON_ONLY)
   return pallas_mosaic.mosaic_packed_matmul(x, qw, config=config)
 
 

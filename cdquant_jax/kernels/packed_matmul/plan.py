@@ -32,6 +32,9 @@ COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp
 OUTLIER_MODES = ("separate", "fused")
 # BlockConfig.wgmma_a (pallas_mosaic only): where the wgmma reads the decoded weights from.
 WGMMA_A_SOURCES = ("smem", "registers")
+# Fields only one backend reads (`BlockConfig.require_defaults` refuses them elsewhere).
+MOSAIC_ONLY = ("wgmma_a",)
+TRITON_ONLY = ("reduce_max_batch", "max_batch", "num_warps", "outlier_rows", "outlier_chunk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +45,8 @@ class BlockConfig:
   ≤ 256); block_k raised to the minimum its layout needs (mosaic_operands.make_mosaic_plan) and
   not required to divide k_pad; k_splits as here; num_stages = TMA pipeline depth; outliers and
   wgmma_a. reduce_max_batch, max_batch, num_warps (one warpgroup), outlier_rows and
-  outlier_chunk are Triton-only.
+  outlier_chunk are Triton-only (TRITON_ONLY: pallas_mosaic refuses them unless at their
+  defaults, as pallas_triton refuses wgmma_a).
   """
 
   # Output channels per program (the last block may overhang d_out; its extra columns are
@@ -69,7 +73,7 @@ class BlockConfig:
   # pallas_mosaic: "smem" = the decoded [bn, bk] tile is stored to shared memory and one wgmma
   # reads it; "registers" = each slot's decoded [bn, R] array is relaid out in registers
   # (WGMMA_TRANSPOSED -> WGMMA, a shuffle) and fed to its own wgmma (needs R ≥ 16, so bk ≥ 128
-  # for 4 bits, 256 for 2, 512 for 3). Ignored by pallas_triton.
+  # for 4 bits, 256 for 2, 512 for 3). pallas_triton refuses "registers".
   wgmma_a: str = "smem"
 
   def __post_init__(self):
@@ -79,6 +83,15 @@ class BlockConfig:
     if self.wgmma_a not in WGMMA_A_SOURCES:
       raise ValueError(f"BlockConfig.wgmma_a must be one of {WGMMA_A_SOURCES}, "
                        f"got {self.wgmma_a!r}")
+
+  def require_defaults(self, implementation: str, fields: tuple[str, ...]) -> None:
+    """ValueError naming the first of `fields` (ones `implementation` does not read) set to
+    other than its default: such a setting would be accepted and change nothing."""
+    for field in fields:
+      default = next(f.default for f in dataclasses.fields(self) if f.name == field)
+      if getattr(self, field) != default:
+        raise ValueError(f"BlockConfig.{field}={getattr(self, field)!r} has no effect on "
+                         f"{implementation!r}; leave it at {default!r}")
 
   def require_outliers(self, implementation: str, supported: tuple[str, ...]) -> None:
     """ValueError naming the field and value when `implementation` cannot honour it."""

@@ -9,7 +9,7 @@ import pytest
 
 from cdquant_jax.kernels.packed_matmul import BlockConfig, available_implementations
 from cdquant_jax.kernels.packed_matmul import packed_matmul
-from cdquant_jax.kernels.packed_matmul import select_implementation
+from cdquant_jax.kernels.packed_matmul import mosaic_packed_matmul, select_implementation
 from tests.kernels.packed_matmul.cases import case
 from tests.kernels.packed_matmul.test_base import PackedMatmulSuite
 
@@ -81,3 +81,15 @@ def test_auto_picks_mosaic_on_hopper_only(monkeypatch, capability, expected):
   if expected == "pallas_triton":
     with pytest.raises(ValueError, match=f"needs a Hopper GPU .* found '{capability}'"):
       select_implementation("pallas_mosaic", False)
+
+
+def test_a_field_only_the_other_backend_reads_is_refused():
+  _, qw = case("w4_g32_f16")
+  x = jnp.zeros((1, 96))
+  with pytest.raises(ValueError, match=r"BlockConfig.wgmma_a='registers' has no effect on "
+                                       r"'pallas_triton'"):
+    packed_matmul(x, qw, implementation="pallas_triton", interpret=True,
+                  config=BlockConfig(wgmma_a="registers"))
+  with pytest.raises(ValueError, match=r"BlockConfig.max_batch=32 has no effect on "
+                                       r"'pallas_mosaic'; leave it at 16"):
+    mosaic_packed_matmul(x, qw, config=BlockConfig(max_batch=32))

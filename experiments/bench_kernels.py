@@ -183,16 +183,12 @@ def max_rel_err(y, ref) -> float:
 
 
 def outlier_modes() -> tuple[str, ...]:
-  """BlockConfig.outliers values to try (("separate",) before that field existed)."""
-  if "outliers" not in {f.name for f in dataclasses.fields(BlockConfig)}:
-    return ("separate",)
-  return tuple(getattr(plan_lib, "OUTLIER_MODES", ("separate",)))
+  """BlockConfig.outliers values to try."""
+  return plan_lib.OUTLIER_MODES
 
 
 def config_for(mode: str) -> BlockConfig:
-  if mode == "separate" and outlier_modes() == ("separate",):
-    return BlockConfig()
-  return dataclasses.replace(BlockConfig(), outliers=mode)
+  return BlockConfig(outliers=mode)
 
 
 def implementations(interpret: bool) -> tuple[list[str], dict[str, str]]:
